@@ -1,0 +1,47 @@
+"""Shared fixtures. One local Ray instance serves the whole test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Offline everywhere: no test may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions"),
+)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance for the whole session (started once, stopped at the end).
+
+    `address="local"` always starts a fresh instance, so a Ray head started elsewhere on the
+    machine (e.g. by the job-submission test) is never joined by accident. The CPU count is
+    logical: 4 slots on the 2-core machine let 2 scoring actors or 2 Train workers and the
+    driver-side Ray Data tasks run side by side.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            runtime_env={"env_vars": {k: os.environ[k] for k in (
+                "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+                "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
+            )}},
+        )
+    yield ray
+    ray.shutdown()
