@@ -204,6 +204,9 @@ class ExperimentConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     run_dir: str = "runs"
     seed: int = 0
+    # Training seeds per (model, method); None = [train.seed]. Several seeds give the
+    # comparison table its spread.
+    seeds: list[int] | None = None
     data: DataConfig = DataConfig()
     models: list[ModelSpec]
     reference: ReferenceConfig = ReferenceConfig()
