@@ -1,0 +1,210 @@
+"""Per-token cross-entropy from last hidden states, one chunk of logits at a time.
+
+A full `[N, V]` fp32 logits tensor is the largest buffer of an LLM step (8 x 2048 rows x
+128k vocab = 8 GiB, twice that with its gradient). `chunked_token_ce` never materialises it:
+the forward keeps only the log-sum-exp per row, and the backward recomputes each chunk's
+logits to build that chunk's softmax gradient. Peak extra memory is O(chunk_size x V).
+
+Alignment helpers (`shift_targets`, `shift_aligned`, `unshift_losses`) are here too, so the
+collate function and the scorer shift labels and per-token columns in exactly one way.
+
+Pure torch: no Ray, MLflow or transformers imports (method core).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# Whether `torch.mm(..., out_dtype=torch.float32)` works per device type. It lets bf16/fp16
+# matmuls write fp32 results straight from the fp32 accumulator (no bf16 rounding of the
+# logits); it exists on CUDA but not on CPU in torch 2.13, so probe once and remember.
+_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b as float32. Low-precision inputs keep their fast kernels (fp32 accumulate)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    kind = a.device.type
+    if _MM_OUT_DTYPE_OK.get(kind, True):
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE_OK[kind] = True
+            return out
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[kind] = False
+    return (a @ b).float()
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """Matmul dtype: the shared dtype when hidden and weight agree, else float32."""
+    return hidden.dtype if hidden.dtype == weight.dtype else torch.float32
+
+
+def _chunk_logits(h: Tensor, w: Tensor, bias32: Tensor | None) -> Tensor:
+    logits = _matmul_fp32(h, w.t())
+    if bias32 is not None:
+        logits += bias32
+    return logits
+
+
+class _ChunkedTokenCE(torch.autograd.Function):
+    """Saves hidden, weight, bias, targets and lse only; never N x V."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, ignore_index):  # noqa: D401
+        n = hidden.shape[0]
+        dt = _compute_dtype(hidden, weight)
+        w = weight.to(dt)  # no copy in the common case (same dtype)
+        bias32 = None if bias is None else bias.float()
+        valid = targets != ignore_index
+        safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+        losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                logits = _chunk_logits(hidden[start:stop].to(dt), w, bias32)
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, safe_targets[start:stop, None]).squeeze(1)
+                del logits
+                lse[start:stop] = chunk_lse
+                losses[start:stop] = chunk_lse - target_logit
+        losses = torch.where(valid, losses, torch.zeros_like(losses))
+        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse)
+        ctx.chunk_size = chunk_size
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, bias, safe_targets, valid, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        chunk_size = ctx.chunk_size
+        n = hidden.shape[0]
+        dt = _compute_dtype(hidden, weight)
+        w = weight.to(dt)
+        bias32 = None if bias is None else bias.float()
+        # Ignored rows get no gradient at all, whatever the upstream gradient says.
+        g = torch.where(valid, grad_losses.float(), torch.zeros_like(lse))
+
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulators: summing many bf16 chunk products in bf16 would lose the small ones.
+        grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b32 = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                h = hidden[start:stop].to(dt)
+                # d CE / d logits = softmax - onehot, scaled by the row's upstream gradient.
+                grad_logits = _chunk_logits(h, w, bias32)
+                grad_logits.sub_(lse[start:stop, None]).exp_()
+                g_chunk = g[start:stop]
+                grad_logits.mul_(g_chunk[:, None])
+                grad_logits.scatter_add_(1, safe_targets[start:stop, None], -g_chunk[:, None])
+                if grad_b32 is not None:
+                    grad_b32 += grad_logits.sum(dim=0)
+                gl = grad_logits.to(dt)
+                del grad_logits
+                if grad_hidden is not None:
+                    grad_hidden[start:stop] = (gl @ w).to(hidden.dtype)
+                if grad_w32 is not None:
+                    grad_w32 += _matmul_fp32(gl.t(), h)
+                del gl
+
+        grad_weight = None if grad_w32 is None else grad_w32.to(weight.dtype)
+        grad_bias = None if grad_b32 is None else grad_b32.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def chunked_token_ce(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 4096,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Cross-entropy per row of `hidden @ weight.T (+ bias)` against `targets`.
+
+    hidden [N, H] (float32 / bfloat16 / float16), weight [V, H] (may be tied to an
+    embedding: it is just a tensor), targets [N] integer, bias [V] or None.
+    Returns float32 [N]: CE per row, 0.0 (and no gradient) where target == ignore_index.
+    Softmax statistics are computed in fp32 per chunk; gradients come back in the input
+    dtypes. Peak extra memory ~ chunk_size x V x 4 bytes (a few such buffers), not N x V.
+    """
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = {hidden.shape[1]}, got shape {tuple(weight.shape)}"
+        )
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(
+            f"targets must be [N] with N = {hidden.shape[0]}, got shape {tuple(targets.shape)}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if not hidden.dtype.is_floating_point or not weight.dtype.is_floating_point:
+        raise ValueError(f"hidden/weight must be floating point, got {hidden.dtype}/{weight.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [V] with V = {weight.shape[0]}, got {tuple(bias.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    targets = targets.long()
+    vocab = weight.shape[0]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target {int(targets[row])} at row {row} is outside the vocabulary [0, {vocab}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+    return _ChunkedTokenCE.apply(hidden, weight, bias, targets, chunk_size, ignore_index)
+
+
+def _check_2d(name: str, t: Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [B, T], got shape {tuple(t.shape)}")
+
+
+def shift_targets(input_ids: Tensor, target_mask: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token labels: labels[:, t] = input_ids[:, t+1] if target_mask[:, t+1] else ignore.
+
+    The last column has no next token and is always ignore_index. Shapes [B, T] -> [B, T].
+    """
+    _check_2d("input_ids", input_ids)
+    if target_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"target_mask shape {tuple(target_mask.shape)} != input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    labels = torch.full_like(input_ids, ignore_index, dtype=torch.long)
+    labels[:, :-1] = torch.where(
+        target_mask[:, 1:].bool(), input_ids[:, 1:].long(), torch.full_like(labels[:, :-1], ignore_index)
+    )
+    return labels
+
+
+def shift_aligned(values: Tensor, fill) -> Tensor:
+    """Shift a per-token column exactly like labels: out[:, t] = values[:, t+1], last = fill."""
+    _check_2d("values", values)
+    out = torch.full_like(values, fill)
+    out[:, :-1] = values[:, 1:]
+    return out
+
+
+def unshift_losses(shifted: Tensor) -> Tensor:
+    """Losses at prediction positions -> aligned with input_ids.
+
+    out[:, i] = shifted[:, i-1] (the loss of predicting token i); out[:, 0] = 0 because the
+    first token is never a target. The last shifted column (no next token) is dropped.
+    """
+    _check_2d("shifted", shifted)
+    out = torch.zeros_like(shifted)
+    out[:, 1:] = shifted[:, :-1]
+    return out
