@@ -1,10 +1,125 @@
-"""The `lethe` command line."""
+"""The `lethe` command line.
+
+    lethe run CONFIG [key.path=value ...] [--until STAGE]   the pipeline (cached stages)
+    lethe tune CONFIG [overrides]                           a Ray Tune sweep over lambda / rho
+    lethe compare CONFIG                                    family x method x task table + PNG
+    lethe ui CONFIG [--port 5000]                           MLflow UI on 127.0.0.1
+    lethe inspect CONFIG --model NAME --sample ID           a sample's tokens by score / class
+    lethe validate CONFIG [overrides]                       print the resolved config
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, ExperimentConfig, load_config
+
+STAGES = ("data", "reference", "score", "partition", "train", "evaluate")
+
+
+def _offline_defaults() -> None:
+    # Hub access is opt-in: a run that names hub ids on a machine with network access sets
+    # HF_HUB_OFFLINE=0 itself. Everything local works without it.
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    if "DS_ACCELERATOR" not in os.environ:
+        try:
+            import torch
+
+            os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:  # pragma: no cover - torch is a hard dependency
+            pass
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
+
+
+def _load(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, list(getattr(args, "overrides", []) or []))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.pipeline.run import run_pipeline
+
+    run_pipeline(_load(args), until=args.until)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from orchestrator.tune.sweep import run_sweep
+
+    run_sweep(_load(args))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from orchestrator.pipeline.run import print_comparison
+
+    print_comparison(_load(args))
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from orchestrator.pipeline.run import serve_ui
+
+    serve_ui(_load(args), port=args.port)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from orchestrator.pipeline.run import inspect_sample_cli
+
+    print(inspect_sample_cli(_load(args), model=args.model, sample_id=args.sample, html_out=args.html))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_load(args).to_dict(), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lethe", description="Token-level forgetting fine-tuning on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", help="experiment YAML (e.g. configs/demo.yaml)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+        return sp
+
+    run = with_config("run", "run the pipeline")
+    run.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    run.set_defaults(fn=_cmd_run)
+    with_config("tune", "Ray Tune sweep over lambda and rho").set_defaults(fn=_cmd_tune)
+    with_config("compare", "print the family x method x task table").set_defaults(fn=_cmd_compare)
+    ui = with_config("ui", "start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(fn=_cmd_ui)
+    ins = with_config("inspect", "show a sample's tokens coloured by score and class")
+    ins.add_argument("--model", required=True, help="model name from the config")
+    ins.add_argument("--sample", type=int, required=True, help="sample_id")
+    ins.add_argument("--html", default=None, help="also write the HTML page here")
+    ins.set_defaults(fn=_cmd_inspect)
+    with_config("validate", "print the resolved config").set_defaults(fn=_cmd_validate)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("lethe: commands are being built", file=sys.stderr)
-    return 0
+    _offline_defaults()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"lethe: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The pipeline's stages, each cached by a content hash of what determines its result.
+
+Every function here takes plain config objects, returns the stage's output location, and
+skips work whose `_SUCCESS.json` already exists. A stage's key is built from the keys of the
+stages it reads plus the config fields that change its numbers; resource fields (actor and
+worker counts, CPUs, GPUs, batch sizes that only change scheduling) are left out, so moving
+a run from a laptop to a cluster reuses its scores. Changing `partition.rho` therefore gives a
+new partition key and new training keys, but the scoring key stays the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cache import Stage, path_fingerprint
+from orchestrator.config import ExperimentConfig, ModelSpec
+
+log = logging.getLogger("lethe.pipeline")
+
+# Config fields that only change scheduling or resources, never the numbers produced.
+_SCORING_RESOURCE_FIELDS = {"num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "batch_size",
+                            "token_budget", "packing"}
+_TRAIN_RESOURCE_FIELDS = {"methods", "use_gpu", "cpus_per_worker", "gpus_per_worker",
+                          "checkpoint_every", "max_failures", "gradient_checkpointing"}
+
+
+@dataclass(frozen=True)
+class StageOut:
+    """Where a stage's output lives and the key that names it (used by downstream keys)."""
+
+    key: str
+    dir: Path
+    cached: bool
+
+
+def stages_root(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.run_dir).resolve() / cfg.name / "stages"
+
+
+def _without(d: dict[str, Any], fields: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in fields}
+
+
+def _log_stage(stage: Stage, cached: bool) -> None:
+    state = "cached" if cached else "running"
+    print(f"[lethe] stage {stage.name:<10} {stage.key}  {state}", flush=True)
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def synthetic_stage(cfg: ExperimentConfig) -> StageOut:
+    """Generate the synthetic noisy corpus (embedded default)."""
+    from orchestrator.data import generate_synthetic
+
+    st = Stage(stages_root(cfg), "synthetic", {"synthetic": cfg.data.synthetic.model_dump(mode="json")})
+    cached = st.done()
+    _log_stage(st, cached)
+    if not cached:
+        st.prepare()
+        generate_synthetic(cfg.data.synthetic, st.dir)
+        st.mark_done()
+    return StageOut(st.key, st.dir, cached)
+
+
+def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str, str | None, Any]:
+    """(training rows path, clean validation rows path or None, identity for cache keys)."""
+    if cfg.data.source == "synthetic":
+        assert synthetic is not None
+        return (str(synthetic.dir / "train.jsonl"), str(synthetic.dir / "clean_valid.jsonl"),
+                {"synthetic": synthetic.key})
+    path = cfg.data.path
+    assert path is not None
+    ident = path_fingerprint(path) if Path(path).exists() else {"dataset": path, "split": cfg.data.split}
+    return path, None, ident
+
+
+def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_ident: Any) -> StageOut:
+    """The base model: a tiny model built from config (+ locally trained tokenizer), or a
+    pretrained model used in place (then this stage only records its identity)."""
+    from orchestrator.data import corpus_texts
+    from orchestrator.models import materialize_base
+
+    if spec.pretrained is not None:
+        p = Path(spec.pretrained)
+        ident = path_fingerprint(p) if p.exists() else {"hub": spec.pretrained, "rev": spec.revision}
+        st = Stage(stages_root(cfg), "base", {"spec": spec.model_dump(mode="json"), "ident": ident})
+        if not st.done():
+            st.prepare()
+            (st.dir / "model_path.txt").write_text(spec.pretrained)
+            st.mark_done({"model_path": spec.pretrained})
+        return StageOut(st.key, st.dir, True)
+    inputs = {"spec": spec.model_dump(mode="json"), "corpus": rows_ident, "seed": cfg.seed}
+    st = Stage(stages_root(cfg), "base", inputs)
+    cached = st.done()
+    _log_stage(st, cached)
+    if not cached:
+        st.prepare()
+        model_dir = st.dir / "model"
+        materialize_base(spec, corpus_texts(rows_path), model_dir, seed=cfg.seed)
+        st.mark_done({"model_path": str(model_dir)})
+    return StageOut(st.key, st.dir, cached)
+
+
+def model_path(out: StageOut) -> str:
+    """The model directory (or hub id) a base / train stage produced."""
+    summary = json.loads((out.dir / "_SUCCESS.json").read_text())
+    return str(summary["model_path"])
+
+
+def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ident: Any,
+                 split: str) -> StageOut:
+    """Chat-format and tokenize the rows with the base model's tokenizer."""
+    from orchestrator.data import prepare_dataset
+    from orchestrator.models import load_tokenizer
+
+    data_cfg = cfg.data.model_dump(mode="json")
+    data_cfg.pop("synthetic")
+    st = Stage(stages_root(cfg), "tokens", {"data": data_cfg, "rows": rows_ident, "split": split,
+                                            "tokenizer": base.key})
+    cached = st.done()
+    _log_stage(st, cached)
+    if not cached:
+        st.prepare()
+        spec = _spec_of(base)
+        tok = load_tokenizer(spec, model_path(base))
+        report = prepare_dataset(cfg.data, tok, st.dir, rows_path=rows_path)
+        st.mark_done({"tokens_path": str(st.dir / "tokens.parquet"),
+                      "report": getattr(report, "__dict__", {})})
+    return StageOut(st.key, st.dir, cached)
+
+
+def _spec_of(base: StageOut) -> ModelSpec:
+    inputs = json.loads((base.dir / "inputs.json").read_text())
+    return ModelSpec.model_validate(inputs["spec"])
