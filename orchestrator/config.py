@@ -197,7 +197,12 @@ class TrackingConfig(Strict):
 
 class RayConfig(Strict):
     address: str | None = None  # None = start or join a local instance
-    num_cpus: int | None = None  # for a local instance
+    num_cpus: int | None = None  # for a local instance (logical slots, may exceed cores)
+    # Model families whose chains (reference -> score -> partition -> train -> eval) run at
+    # the same time. On a cluster the chains share the GPUs through Ray's scheduler; on a
+    # laptop running them side by side hides Ray Train's per-run start-up latency.
+    max_parallel_models: int = Field(default=1, ge=1)
+    max_parallel_trainings: int = Field(default=1, ge=1)  # methods x seeds of one model
 
 
 class ExperimentConfig(Strict):

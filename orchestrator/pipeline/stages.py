@@ -137,3 +137,142 @@ def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ide
 def _spec_of(base: StageOut) -> ModelSpec:
     inputs = json.loads((base.dir / "inputs.json").read_text())
     return ModelSpec.model_validate(inputs["spec"])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _train_cfg_for_key(cfg: ExperimentConfig, **updates: Any) -> dict[str, Any]:
+    train = cfg.train.model_copy(update=updates).model_dump(mode="json", by_alias=True)
+    return _without(train, _TRAIN_RESOURCE_FIELDS)
+
+
+def reference_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, tokens: StageOut,
+                    valid: StageOut | None, mlflow_target: Any = None) -> StageOut:
+    """The reference model: the base after plain SFT on a seeded random subset of the pool."""
+    from orchestrator.training import SubsetSpec, TrainJob, run_training
+
+    ref = cfg.reference
+    updates: dict[str, Any] = {"methods": ["sft"]}
+    if ref.lr is not None:
+        updates["lr"] = ref.lr
+    if ref.epochs is not None:
+        updates["epochs"] = ref.epochs
+    if ref.lora is not None:
+        updates["lora"] = ref.lora
+    train = cfg.train.model_copy(update=updates)
+    subset = SubsetSpec(fraction=None if ref.subset_size else ref.subset_fraction,
+                        size=ref.subset_size, seed=ref.seed)
+    inputs = {"base": base.key, "tokens": tokens.key, "subset": subset.__dict__,
+              "train": _train_cfg_for_key(cfg, **updates)}
+    st = Stage(stages_root(cfg), "reference", inputs)
+    cached = st.done()
+    _log_stage(st, cached)
+    if not cached:
+        st.prepare()
+        job = TrainJob(
+            train_path=str(tokens.dir / "tokens.parquet"), base_model_path=model_path(base),
+            model=spec, train=train, method="sft", class_column="response_mask",
+            output_dir=str(st.dir / "run"), run_name=f"reference-{st.key}",
+            storage_path=str(st.dir / "ray"), subset=subset,
+            validation_path=str(valid.dir / "tokens.parquet") if valid else None,
+            mlflow=mlflow_target,
+        )
+        result = run_training(job)
+        st.mark_done({"model_path": result.export_dir, "metrics": result.metrics})
+    return StageOut(st.key, st.dir, cached)
+
+
+def score_stage(cfg: ExperimentConfig, base: StageOut, reference: StageOut,
+                tokens: StageOut) -> StageOut:
+    """Per-token losses of base and reference on every response token (Ray Data actors)."""
+    from orchestrator.scoring import run_scoring
+
+    scoring = _without(cfg.scoring.model_dump(mode="json"), _SCORING_RESOURCE_FIELDS)
+    st = Stage(stages_root(cfg), "scores", {"base": base.key, "reference": reference.key,
+                                            "tokens": tokens.key, "scoring": scoring})
+    cached = st.done()
+    _log_stage(st, cached)
+    if not cached:
+        st.prepare()
+        # run_scoring resumes block by block inside its own folder when it was killed.
+        out = run_scoring(tokens.dir / "tokens.parquet", model_path(base), model_path(reference),
+                          cfg.scoring, st.dir / "scores")
+        st.mark_done({"scores_path": str(out)})
+    return StageOut(st.key, st.dir, cached)
+
+
+def partition_stage(cfg: ExperimentConfig, tokens: StageOut, scores: StageOut) -> StageOut:
+    """Global rho threshold over every response token -> token_class column + report."""
+    from orchestrator.partition import run_partition
+
+    st = Stage(stages_root(cfg), "partition", {"scores": scores.key, "tokens": tokens.key,
+                                               "partition": cfg.partition.model_dump(mode="json")})
+    cached = st.done()
+    _log_stage(st, cached)
+    if not cached:
+        st.prepare()
+        report = run_partition(tokens.dir / "tokens.parquet", _scores_path(scores), cfg.partition,
+                               st.dir)
+        st.mark_done({"report": report})
+    return StageOut(st.key, st.dir, cached)
+
+
+def _scores_path(scores: StageOut) -> Path:
+    return Path(json.loads((scores.dir / "_SUCCESS.json").read_text())["scores_path"])
+
+
+def partition_report(partition: StageOut) -> dict[str, Any]:
+    return dict(json.loads((partition.dir / "_SUCCESS.json").read_text())["report"])
+
+
+def train_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, data: StageOut,
+                valid: StageOut | None, method: str, seed: int, mlflow_target: Any = None,
+                callbacks: list[Any] | None = None, train_overrides: dict[str, Any] | None = None,
+                ) -> StageOut:
+    """Fine-tune the base with one objective. `data` is the partition stage for ignore /
+    forget, the tokens stage for sft (whose key therefore does not depend on rho)."""
+    from orchestrator.training import TrainJob, run_training
+
+    updates = {"seed": seed, **(train_overrides or {})}
+    parquet = data.dir / ("tokens.parquet" if method == "sft" else "partitioned.parquet")
+    inputs = {"base": base.key, "data": data.key, "method": method,
+              "train": _train_cfg_for_key(cfg, **updates)}
+    if method == "sft":  # lambda / negative term do not touch plain SFT
+        inputs["train"].pop("lambda")
+        inputs["train"].pop("negative_term")
+    st = Stage(stages_root(cfg), "train", inputs)
+    cached = st.done()
+    _log_stage(st, cached)
+    if not cached:
+        st.prepare()
+        job = TrainJob(
+            train_path=str(parquet), base_model_path=model_path(base), model=spec,
+            train=cfg.train.model_copy(update=updates), method=method,
+            class_column="response_mask" if method == "sft" else "token_class",
+            output_dir=str(st.dir / "run"), run_name=f"{spec.name}-{method}-s{seed}-{st.key}",
+            storage_path=str(st.dir / "ray"),
+            validation_path=str(valid.dir / "tokens.parquet") if valid else None,
+            mlflow=mlflow_target, callbacks=list(callbacks or []),
+        )
+        result = run_training(job)
+        st.mark_done({"model_path": result.export_dir, "metrics": result.metrics})
+    return StageOut(st.key, st.dir, cached)
+
+
+def stage_metrics(out: StageOut) -> dict[str, Any]:
+    return dict(json.loads((out.dir / "_SUCCESS.json").read_text()).get("metrics", {}))
+
+
+def find_done(cfg: ExperimentConfig, name: str, match: dict[str, Any]) -> Stage | None:
+    """The newest finished stage of `name` whose inputs contain `match` (for inspection
+    commands that know some, not all, of a stage's inputs)."""
+    folder = stages_root(cfg) / name
+    candidates = sorted(folder.glob("*/inputs.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        inputs = json.loads(path.read_text())
+        if all(inputs.get(k) == v for k, v in match.items()):
+            st = Stage(stages_root(cfg), name, inputs)
+            if st.done():
+                return st
+    return None

@@ -1,0 +1,70 @@
+"""Evaluation of every exported model (and the base models) with lm-eval, cached per model.
+
+Models whose results are cached are not evaluated again; the rest go to
+`orchestrator.evaluation.evaluate_many`, one Ray task per model, in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cache import Stage
+from orchestrator.config import ExperimentConfig
+from orchestrator.pipeline import stages as S
+
+_EVAL_RESOURCE_FIELDS = {"num_gpus", "num_cpus", "batch_size", "enabled", "evaluate_base"}
+
+
+def local_tasks_dir(cfg: ExperimentConfig, synthetic: S.StageOut | None) -> str | None:
+    """The include path for lm-eval: the config's, or the synthetic corpus's own tasks."""
+    if cfg.evaluate.include_path:
+        return str(Path(cfg.evaluate.include_path).resolve())
+    if synthetic is None:
+        return None
+    from orchestrator.evaluation.tasks import write_local_tasks
+
+    out = synthetic.dir / "lm_eval_tasks"
+    if not (out / "_written.json").is_file():
+        path = write_local_tasks(synthetic.dir / "eval_mc.jsonl", synthetic.dir / "eval_gen.jsonl", out)
+        (out / "_written.json").write_text(json.dumps({"include_path": str(path)}))
+    return str(json.loads((out / "_written.json").read_text())["include_path"])
+
+
+def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.StageOut | None,
+                      track: Any) -> dict[str, dict[str, Any]]:
+    """Evaluate base + trained models; returns {label: {task: {metric: value}}}.
+
+    Labels are `<model>/<method>/s<seed>` and `<model>/base/-`.
+    """
+    from orchestrator.evaluation import evaluate_many
+
+    include = local_tasks_dir(cfg, synthetic)
+    ev = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items()
+          if k not in _EVAL_RESOURCE_FIELDS}
+    tasks_key = synthetic.key if synthetic is not None else include
+    wanted: dict[str, str] = {}
+    for o in outcomes:
+        if cfg.evaluate.evaluate_base and o.base_model:
+            wanted[f"{o.spec.name}/base/-"] = o.base_model
+        for (method, seed), model_dir in sorted(o.models.items()):
+            wanted[f"{o.spec.name}/{method}/s{seed}"] = model_dir
+
+    stages = {label: Stage(S.stages_root(cfg), "eval", {"model": path, "evaluate": ev,
+                                                         "tasks": tasks_key})
+              for label, path in wanted.items()}
+    todo = {label: wanted[label] for label, st in stages.items() if not st.done()}
+    for label, st in stages.items():
+        print(f"[lethe] stage eval       {st.key}  {'running' if label in todo else 'cached'}"
+              f"  ({label})", flush=True)
+    if todo:
+        fresh = evaluate_many(todo, cfg.evaluate, include)
+        for label, metrics in fresh.items():
+            st = stages[label]
+            st.prepare()
+            (st.dir / "eval_results.json").write_text(json.dumps(metrics, indent=2, default=str))
+            st.mark_done({"metrics": metrics})
+    results = {label: dict(st.summary()["metrics"]) for label, st in stages.items()}
+    track.log_eval(results, {label: st.dir for label, st in stages.items()})
+    return results

@@ -1,0 +1,194 @@
+"""The pipeline end to end, as one Ray program.
+
+    data -> base -> tokens -> reference -> score -> partition -> train (sft | ignore | forget)
+         -> evaluate -> track -> compare
+
+Each model family runs its own chain; chains (and the trainings inside one chain) can run
+side by side (`ray.max_parallel_models`, `ray.max_parallel_trainings`). Every stage is
+cached by content hash (orchestrator/pipeline/stages.py), so a rerun only does what is
+missing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestrator.config import ExperimentConfig, ModelSpec
+from orchestrator.pipeline import stages as S
+from orchestrator.pipeline.tracking_glue import PipelineTracking
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class ModelOutcome:
+    """What one model family's chain produced."""
+
+    spec: ModelSpec
+    partition_report: dict[str, Any] = field(default_factory=dict)
+    # (method, seed) -> exported model directory
+    models: dict[tuple[str, int], str] = field(default_factory=dict)
+    train_metrics: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    base_model: str = ""
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.run_dir).resolve() / cfg.name
+
+
+def init_ray(cfg: ExperimentConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DS_ACCELERATOR",
+                                      "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
+                                      "MLFLOW_TRACKING_URI") if k in os.environ}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})  # inside `ray job submit`: join that cluster
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env})
+
+
+def _parallel(fn: Callable[[T], R], items: list[T], workers: int) -> list[R]:
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _seeds(cfg: ExperimentConfig) -> list[int]:
+    return list(cfg.seeds) if cfg.seeds else [cfg.train.seed]
+
+
+def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: str | None,
+                 rows_ident: Any, until: str | None, track: PipelineTracking) -> ModelOutcome:
+    out = ModelOutcome(spec)
+    base = S.base_stage(cfg, spec, rows, rows_ident)
+    out.base_model = S.model_path(base)
+    tokens = S.tokens_stage(cfg, base, rows, rows_ident, split="train")
+    valid = (S.tokens_stage(cfg, base, valid_rows, rows_ident, split="clean_valid")
+             if valid_rows else None)
+    if until == "data":
+        return out
+    reference = S.reference_stage(cfg, spec, base, tokens, valid,
+                                  track.target(spec, "reference", cfg.reference.seed))
+    if until == "reference":
+        return out
+    scores = S.score_stage(cfg, base, reference, tokens)
+    if until == "score":
+        return out
+    partition = S.partition_stage(cfg, tokens, scores)
+    out.partition_report = S.partition_report(partition)
+    track.log_partition(spec, out.partition_report, partition.dir)
+    if until == "partition":
+        return out
+
+    jobs = [(m, s) for m in cfg.train.methods for s in _seeds(cfg)]
+
+    def train_one(job: tuple[str, int]) -> tuple[tuple[str, int], S.StageOut]:
+        method, seed = job
+        data = tokens if method == "sft" else partition
+        done = S.train_stage(cfg, spec, base, data, valid, method, seed,
+                             mlflow_target=track.target(spec, method, seed))
+        return job, done
+
+    for job, done in _parallel(train_one, jobs, cfg.ray.max_parallel_trainings):
+        out.models[job] = S.model_path(done)
+        out.train_metrics[job] = S.stage_metrics(done)
+    return out
+
+
+def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the comparison rows."""
+    t0 = time.time()
+    root = run_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    # Tracking first: an unreachable MLflow server fails here, not after hours of training.
+    track = PipelineTracking.open(cfg, root)
+    init_ray(cfg)
+    from orchestrator.config import save_config
+
+    save_config(cfg, root / "resolved_config.yaml")
+    track.start(cfg, root / "resolved_config.yaml")
+
+    synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
+    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+    outcomes = _parallel(
+        lambda spec: _model_chain(cfg, spec, rows, valid_rows, ident, until, track),
+        list(cfg.models), cfg.ray.max_parallel_models)
+
+    results: dict[str, Any] = {"outcomes": outcomes}
+    if until in (None, "evaluate") and cfg.evaluate.enabled:
+        from orchestrator.pipeline.evaluate_stage import evaluate_outcomes
+
+        results["eval"] = evaluate_outcomes(cfg, outcomes, synthetic, track)
+    wall = time.time() - t0
+    track.finish(outcomes, results.get("eval", {}), wall)
+    if until in (None, "evaluate") and cfg.evaluate.enabled:
+        print(track.comparison_text())
+    print(f"[lethe] pipeline finished in {wall:.1f} s; run directory: {root}")
+    print(f"[lethe] open the MLflow UI: .venv/bin/lethe ui {_config_hint(cfg)}  "
+          f"(tracking store: {track.uri})")
+    return results
+
+
+def _config_hint(cfg: ExperimentConfig) -> str:
+    return str(run_dir(cfg) / "resolved_config.yaml")
+
+
+# ------------------------------------------------------------------ helpers for the CLI
+
+
+def print_comparison(cfg: ExperimentConfig) -> None:
+    track = PipelineTracking.open(cfg, run_dir(cfg))
+    print(track.comparison_text())
+
+
+def serve_ui(cfg: ExperimentConfig, port: int = 5000) -> None:
+    from orchestrator.tracking.ui import start_ui, stop_ui
+
+    track = PipelineTracking.open(cfg, run_dir(cfg))
+    proc = start_ui(track.uri, host="127.0.0.1", port=port)
+    print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_ui(proc)
+
+
+def inspect_sample_cli(cfg: ExperimentConfig, model: str, sample_id: int,
+                       html_out: str | None = None) -> str:
+    from orchestrator.tracking.inspect import inspect_sample
+
+    spec = next((m for m in cfg.models if m.name == model), None)
+    if spec is None:
+        names = ", ".join(m.name for m in cfg.models)
+        raise SystemExit(f"lethe inspect: no model named '{model}' in the config (models: {names})")
+    synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
+    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+    base = S.base_stage(cfg, spec, rows, ident)
+    tokens = S.tokens_stage(cfg, base, rows, ident, split="train")
+    found = S.find_done(cfg, "partition", {"tokens": tokens.key,
+                                           "partition": cfg.partition.model_dump(mode="json")})
+    if found is None:
+        raise SystemExit("lethe inspect: no finished partition for this config; run `lethe run` first")
+    scores_key = found.inputs["scores"]
+    scores_dir = S.stages_root(cfg) / "scores" / scores_key / "scores"
+    text, html = inspect_sample(found.dir / "partitioned.parquet", scores_dir,
+                                S.model_path(base), sample_id)
+    if html_out:
+        Path(html_out).write_text(html)
+    return text
