@@ -1,0 +1,173 @@
+"""Plain lm-eval runner (no Ray): evaluate one saved model on local or registry tasks.
+
+`evaluate_model` loads the model once and calls `lm_eval.simple_evaluate` once per few-shot
+setting (tasks grouped by `cfg.num_fewshot`), so a config can mix e.g. 0-shot and 5-shot
+tasks. The returned dict is {task: {metric: value}} with lm-eval's `,<filter>` suffixes
+removed; the full JSON-safe results are written to `eval_results.json` beside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import EvaluateConfig
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILENAME = "eval_results.json"
+# Bookkeeping fields lm-eval puts beside the scores (kept in the raw JSON, not as metrics).
+_NOT_METRICS = {"alias", "name", "sample_len", "sample_count"}
+# Offline always: a missing local file must fail, never fall back to a download.
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` means bfloat16 on a GPU, float32 on CPU (as for scoring and training)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def group_tasks_by_fewshot(tasks: list[str], num_fewshot: dict[str, int]) -> dict[int | None, list[str]]:
+    """{shots: [tasks]}; None = the task's own default (0 when it defines none)."""
+    groups: dict[int | None, list[str]] = defaultdict(list)
+    for task in tasks:
+        groups[num_fewshot.get(task)].append(task)
+    return dict(groups)
+
+
+def normalise_metrics(task_results: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's {"acc,none": .., "exact_match,final-answer": ..} -> {"acc": .., "exact_match": ..}.
+
+    A metric reported under several filters keeps each one as `<metric>_<filter>` (and the
+    bare name is not used), so nothing is silently overwritten. Non-numeric entries (the
+    alias, "N/A" stderrs) are dropped.
+    """
+    by_metric: dict[str, dict[str, float]] = defaultdict(dict)
+    for key, value in task_results.items():
+        if key in _NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and math.isnan(value):
+            continue
+        metric, _, filt = key.partition(",")
+        by_metric[metric][filt or "none"] = float(value)
+    out: dict[str, float] = {}
+    for metric, per_filter in by_metric.items():
+        if len(per_filter) == 1:
+            out[metric] = next(iter(per_filter.values()))
+        else:
+            for filt, value in per_filter.items():
+                out[f"{metric}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', filt)}"] = value
+    return out
+
+
+def json_safe(obj: Any) -> Any:
+    """Recursively keep what JSON can hold; callables and other objects become their repr."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return json_safe(obj.item())
+        except (TypeError, ValueError):
+            pass
+    return repr(obj)
+
+
+def build_task_manager(tasks: list[str], include_path: str | None):
+    """A TaskManager that sees the local tasks; the built-in registry is indexed only when
+    a requested task is not local (indexing thousands of YAMLs costs seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+        return TaskManager(include_path=include_path)
+    return TaskManager()
+
+
+def load_hf_lm(model_dir: str, cfg: EvaluateConfig, device: str):
+    """lm-eval's `hf` model built from a local folder, loaded once for all task groups."""
+    from lm_eval.api.registry import get_model
+
+    model_args = {
+        "pretrained": model_dir,
+        "dtype": resolve_dtype(cfg.dtype, device),
+        "trust_remote_code": False,
+    }
+    return get_model("hf").create_from_arg_obj(
+        model_args, {"batch_size": cfg.batch_size, "device": device}
+    ), model_args
+
+
+def run_lm_eval(lm: Any, cfg: EvaluateConfig, include_path: str | None) -> dict[str, Any]:
+    """Evaluate an lm-eval LM object on cfg.tasks; returns the merged raw results
+    ({"results", "n-shot", "versions", "n-samples", "higher_is_better"})."""
+    import lm_eval
+
+    for key, value in _OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    task_manager = build_task_manager(cfg.tasks, include_path)
+    merged: dict[str, Any] = defaultdict(dict)
+    for shots, group in group_tasks_by_fewshot(cfg.tasks, cfg.num_fewshot).items():
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=group,
+            num_fewshot=shots,
+            batch_size=cfg.batch_size,
+            limit=cfg.limit,
+            task_manager=task_manager,
+            log_samples=False,
+            bootstrap_iters=0,  # stderr bootstraps cost minutes on CPU and are not reported
+        )
+        if out is None:  # non-zero rank in a distributed launch: nothing to merge
+            continue
+        for section in ("results", "n-shot", "versions", "n-samples", "higher_is_better"):
+            merged[section].update(out.get(section) or {})
+    return dict(merged)
+
+
+def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None,
+                   device: str = "cpu", *, results_path: str | None = None) -> dict:
+    """Run lm-eval on a saved HF model folder; return {task: {metric: value}}.
+
+    The JSON results go to `results_path`, default `<model_dir>/eval_results.json` when
+    model_dir is a local folder (a hub id has no folder to write beside).
+    """
+    include_path = include_path or cfg.include_path
+    lm, model_args = load_hf_lm(model_dir, cfg, device)
+    raw = run_lm_eval(lm, cfg, include_path)
+    metrics = {task: normalise_metrics(res) for task, res in raw.get("results", {}).items()}
+
+    target = Path(results_path) if results_path else (
+        Path(model_dir) / RESULTS_FILENAME if Path(model_dir).is_dir() else None)
+    if target is not None:
+        payload = {
+            "model_dir": str(model_dir),
+            "model_args": model_args,
+            "device": device,
+            "tasks": list(cfg.tasks),
+            "num_fewshot": dict(cfg.num_fewshot),
+            "limit": cfg.limit,
+            "metrics": metrics,
+            "lm_eval": raw,
+        }
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=True))
+        tmp.replace(target)  # atomic: a reader never sees half a file
+        log.info("wrote %s", target)
+    return metrics

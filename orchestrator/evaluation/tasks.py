@@ -1,0 +1,131 @@
+"""lm-eval task YAMLs for the embedded default's own held-out tasks.
+
+Two tasks are written, both reading local JSONL files (no hub access):
+
+* `lethe_synth_mc`  - multiple choice, rows {"id", "task", "question", "choices": [4], "gold": int};
+  scored by log-likelihood of each choice after the prompt (acc, acc_norm).
+* `lethe_synth_gen` - generate_until, rows {"id", "task", "question", "answer"}; the final answer
+  is pulled out of "... The answer is X." on both sides and compared with exact_match.
+
+Prompts use the paper's chat template, exactly as the model saw it in training:
+`<|user|>\\n{question}\\n<|assistant|>\\n{answer}<eos>\\n`. The target therefore follows the
+prompt with no delimiter (the prompt already ends in a newline), and few-shot examples are
+separated by the EOS text plus newline, as consecutive training turns are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MC_TASK = "lethe_synth_mc"
+GEN_TASK = "lethe_synth_gen"
+EOS_TEXT = "<|endoftext|>"
+USER_TAG = "<|user|>"
+ASSISTANT_TAG = "<|assistant|>"
+
+# Jinja prompt shared by both tasks (lm-eval renders doc_to_text with Jinja2).
+CHAT_PROMPT = USER_TAG + "\n{{question}}\n" + ASSISTANT_TAG + "\n"
+
+# Final-answer extraction from a generation "... The answer is X." - the last such phrase wins
+# (findall + group_select -1); a trailing full stop is not part of the answer, but inner dots
+# are ("3.5"). The lookahead stops at the end of the line or at the next chat tag.
+FINAL_ANSWER_REGEX = r"The answer is\s*(.+?)\.?\s*(?=\n|<\||$)"
+# The gold side: rows may hold the bare answer ("42") or a full response ending in
+# "The answer is 42." - both reduce to "42".
+GOLD_ANSWER_JINJA = "{{answer.split('The answer is')[-1].strip().rstrip('.').strip()}}"
+# Few-shot examples show the full response, so the model imitates "... The answer is X.";
+# a bare gold answer is wrapped into that phrase.
+FEWSHOT_RESPONSE_JINJA = (
+    "{% if 'The answer is' in answer %}{{answer}}{% else %}The answer is {{answer}}.{% endif %}"
+)
+GEN_FILTER_NAME = "final-answer"
+MAX_GEN_TOKS = 48
+
+
+def _data_block(jsonl_path: str | Path) -> dict[str, Any]:
+    path = Path(jsonl_path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data file not found: {path}")
+    # dataset_path "json" is the generic datasets loader: the file is read locally, and
+    # the few-shot examples are drawn from the same split (they exclude the doc itself).
+    return {
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "fewshot_split": "test",
+    }
+
+
+def mc_task_config(eval_mc_path: str | Path) -> dict[str, Any]:
+    """The lm-eval config dict for the multiple-choice task."""
+    return {
+        "task": MC_TASK,
+        **_data_block(eval_mc_path),
+        "output_type": "multiple_choice",
+        "doc_to_text": CHAT_PROMPT,
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{gold}}",
+        "target_delimiter": "",
+        "fewshot_delimiter": EOS_TEXT + "\n",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def gen_task_config(eval_gen_path: str | Path) -> dict[str, Any]:
+    """The lm-eval config dict for the generate-until task."""
+    return {
+        "task": GEN_TASK,
+        **_data_block(eval_gen_path),
+        "output_type": "generate_until",
+        "doc_to_text": CHAT_PROMPT,
+        "doc_to_target": GOLD_ANSWER_JINJA,
+        "fewshot_config": {"sampler": "first_n", "doc_to_target": FEWSHOT_RESPONSE_JINJA},
+        "target_delimiter": "",
+        "fewshot_delimiter": EOS_TEXT + "\n",
+        "generation_kwargs": {
+            # EOS text and the start of the next chat tag both end the assistant turn.
+            "until": [EOS_TEXT, "\n<|", USER_TAG],
+            "max_gen_toks": MAX_GEN_TOKS,
+            "do_sample": False,
+            "temperature": 0.0,
+        },
+        "filter_list": [
+            {
+                "name": GEN_FILTER_NAME,
+                "filter": [
+                    {"function": "regex", "regex_pattern": FINAL_ANSWER_REGEX,
+                     "group_select": -1},
+                    {"function": "take_first"},
+                ],
+            }
+        ],
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "ignore_punctuation": False,
+            }
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def write_local_tasks(eval_mc_path: str | Path, eval_gen_path: str | Path,
+                      out_dir: str | Path) -> str:
+    """Write the two task YAMLs into `out_dir` and return it (lm-eval's include_path)."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, cfg in ((MC_TASK, mc_task_config(eval_mc_path)),
+                      (GEN_TASK, gen_task_config(eval_gen_path))):
+        with (out / f"{name}.yaml").open("w") as fh:
+            yaml.safe_dump(cfg, fh, sort_keys=False, allow_unicode=True, width=1000)
+    return str(out)
