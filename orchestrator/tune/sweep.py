@@ -1,0 +1,176 @@
+"""Ray Tune sweeps over the forgetting weight (lambda's maximum) and the threshold rho.
+
+The shared, expensive stages (data, base, reference, scores) run once before the sweep and
+are cached; each trial only re-partitions with its rho (cached per rho) and trains `forget`
+with its lambda. Train V2 pattern: the Tune trainable is a driver function that builds the
+TorchTrainer (inside `run_training`), with `TuneReportCallback` forwarding the workers'
+intermediate metrics (`val_loss`) to Tune, so ASHA can stop weak trials early.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ExperimentConfig, save_config
+from orchestrator.pipeline import stages as S
+from orchestrator.pipeline.run import init_ray, run_dir
+from orchestrator.pipeline.tracking_glue import PipelineTracking
+
+
+def _shared_stages(cfg: ExperimentConfig, track: PipelineTracking) -> dict[str, Any]:
+    """Everything trials share, computed (or found cached) once, as plain data."""
+    spec = cfg.models[0]
+    synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
+    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+    base = S.base_stage(cfg, spec, rows, ident)
+    tokens = S.tokens_stage(cfg, base, rows, ident, split="train")
+    valid = S.tokens_stage(cfg, base, valid_rows, ident, split="clean_valid") if valid_rows else None
+    reference = S.reference_stage(cfg, spec, base, tokens, valid,
+                                  track.target(spec, "reference", cfg.reference.seed))
+    scores = S.score_stage(cfg, base, reference, tokens)
+    out = {"base": base, "tokens": tokens, "valid": valid, "scores": scores}
+    return {k: (None if v is None else {"key": v.key, "dir": str(v.dir), "cached": v.cached})
+            for k, v in out.items()}
+
+
+def _stage(d: dict[str, Any] | None) -> S.StageOut | None:
+    return None if d is None else S.StageOut(d["key"], Path(d["dir"]), d["cached"])
+
+
+def trial_config(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
+    """The experiment config with one trial's hyperparameters applied."""
+    lam = cfg.train.lambda_.model_copy(update={"t_max": float(params["lambda_max"])})
+    if "schedule" in params:
+        lam = lam.model_copy(update={"schedule": params["schedule"]})
+    train_upd: dict[str, Any] = {"lambda_": lam, "methods": ["forget"]}
+    if "negative_term" in params:
+        train_upd["negative_term"] = params["negative_term"]
+    return cfg.model_copy(update={
+        "partition": cfg.partition.model_copy(update={"rho": float(params["rho"])}),
+        "train": cfg.train.model_copy(update=train_upd),
+    })
+
+
+def _trial(params: dict[str, Any], cfg_dict: dict[str, Any], shared: dict[str, Any]) -> None:
+    """One trial: partition with its rho, train `forget` with its lambda, report to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(ExperimentConfig.model_validate(cfg_dict), params)
+    spec = cfg.models[0]
+    track = PipelineTracking.open(cfg, run_dir(cfg), check=False)
+    tokens, scores = _stage(shared["tokens"]), _stage(shared["scores"])
+    base, valid = _stage(shared["base"]), _stage(shared["valid"])
+    partition = S.partition_stage(cfg, tokens, scores)
+    trial_id = tune.get_context().get_trial_id()
+    tags = {"trial_id": str(trial_id), "sweep": cfg.name}
+    target = track.target(spec, "forget", cfg.train.seed, extra_tags=tags)
+    done = S.train_stage(cfg, spec, base, partition, valid, "forget", cfg.train.seed,
+                         mlflow_target=target, callbacks=[TuneReportCallback()])
+    metrics = S.stage_metrics(done)
+    final = {k: float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    report = S.partition_report(partition)
+    final.update({"auroc": float(report.get("auroc", float("nan"))), "done": 1.0,
+                  "lambda_max": float(params["lambda_max"]), "rho": float(params["rho"])})
+    # A final report also covers a trial whose training was cached (no callback reports).
+    tune.report(final)
+
+
+def _search_space(cfg: ExperimentConfig) -> dict[str, Any]:
+    from ray import tune
+
+    t = cfg.tune
+    space: dict[str, Any] = {"lambda_max": tune.loguniform(*t.lambda_max), "rho": tune.uniform(*t.rho)}
+    if t.negative_terms:
+        space["negative_term"] = tune.choice(t.negative_terms)
+    if t.schedules:
+        space["schedule"] = tune.choice(t.schedules)
+    return space
+
+
+def _max_concurrent(cfg: ExperimentConfig) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    per_trial = cfg.train.num_workers * cfg.train.gpus_per_worker if cfg.train.use_gpu else 0.0
+    return max(1, int(gpus // per_trial)) if per_trial > 0 else 1
+
+
+def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep; writes the best config as YAML and returns the table."""
+    from functools import partial
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    root = run_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    track = PipelineTracking.open(cfg, root)
+    init_ray(cfg)
+    track.start(cfg, None, run_name=f"sweep-{cfg.name}")
+    shared = _shared_stages(cfg, track)
+
+    trainable = tune.with_resources(
+        partial(_trial, cfg_dict=cfg.to_dict(), shared=shared),
+        {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
+    )
+    t = cfg.tune
+    scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=t.grace_period,
+                              reduction_factor=t.reduction_factor, max_t=10_000)
+    search_alg = None
+    if t.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch  # needs `pip install optuna`
+
+        search_alg = OptunaSearch()
+    storage = root / "tune"
+    name = f"sweep-{cfg.name}"
+    if tune.Tuner.can_restore(str(storage / name)):
+        print(f"[lethe] resuming the sweep in {storage / name}")
+        tuner = tune.Tuner.restore(str(storage / name), trainable, resume_errored=True,
+                                   param_space=_search_space(cfg))
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=_search_space(cfg),
+            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                                        scheduler=scheduler, search_alg=search_alg,
+                                        max_concurrent_trials=_max_concurrent(cfg)),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage)),
+        )
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        rows.append({"trial": m.get("trial_id", r.path.rsplit("/", 1)[-1]),
+                     "lambda_max": r.config.get("lambda_max"), "rho": r.config.get("rho"),
+                     "negative_term": r.config.get("negative_term", cfg.train.negative_term),
+                     "schedule": r.config.get("schedule", cfg.train.lambda_.schedule),
+                     t.metric: m.get(t.metric), "iterations": m.get("training_iteration"),
+                     "finished": bool(m.get("done", 0.0)), "error": r.error is not None})
+    best = grid.get_best_result(metric=t.metric, mode=t.mode, scope="all")
+    best_cfg = trial_config(cfg, best.config)
+    best_path = root / "best_config.yaml"
+    save_config(best_cfg, best_path)
+    table = format_trials(rows, t.metric)
+    print(table)
+    print(f"[lethe] best: lambda_max={best.config['lambda_max']:.4g} rho={best.config['rho']:.3f} "
+          f"{t.metric}={best.metrics.get(t.metric)}  -> {best_path}")
+    track.log_sweep(rows, t.metric, best_path, table)
+    (root / "sweep_trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    return {"rows": rows, "best_config": str(best_path), "best": best.config}
+
+
+def format_trials(rows: list[dict[str, Any]], metric: str) -> str:
+    head = f"{'trial':<24} {'lambda_max':>10} {'rho':>6} {'neg term':>12} {metric:>10} {'iters':>5}  status"
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r[metric] is None, r[metric] or 0.0)):
+        val = "-" if r[metric] is None else f"{r[metric]:.4f}"
+        status = "error" if r["error"] else ("done" if r["finished"] else "stopped")
+        lines.append(f"{str(r['trial'])[:24]:<24} {r['lambda_max']:>10.4g} {r['rho']:>6.3f} "
+                     f"{r['negative_term']:>12} {val:>10} {r['iterations'] or 0:>5}  {status}")
+    return "\n".join(lines)
