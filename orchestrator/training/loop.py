@@ -1,0 +1,339 @@
+"""The per-worker training loop (plain: runs inside Ray Train or alone with world size 1).
+
+One optimizer step = `grad_accum` micro-batches on every rank. Before a step's first
+micro-batch the step's class counts are all-reduced (global normalisation), so nothing per
+step depends on the corpus size. Every rank reports to the context equally often (Ray
+Train's report is a barrier): at logging, evaluation and checkpoint steps and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import ModelSpec, TrainConfig
+from orchestrator.method.schedules import lambda_at
+from orchestrator.models import load_model, load_tokenizer, resolve_dtype
+from orchestrator.training.collate import IGNORE_INDEX, collate
+from orchestrator.training.context import LocalContext, RayContext, make_context
+from orchestrator.training.data import StepPlan, TokenRows, read_table, rows_from_table
+from orchestrator.training.deepspeed_setup import (
+    DDPEngine,
+    DeepSpeedEngine,
+    build_optimizer,
+    fill_deepspeed_config,
+)
+from orchestrator.training.export import (
+    apply_lora,
+    gather_state_dict,
+    save_hf_folder,
+    write_json_atomic,
+)
+from orchestrator.training.loss import Normalizer, TokenLossModel, objective_for_batch, step_counts
+from orchestrator.training.mlflow_logging import TrainingCurves
+
+STATE_FILE = "trainer_state.json"
+FAIL_MARKER = "_injected_failure_done"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was nan/inf and train.on_nonfinite is "stop"."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    skipped_micro_batches: int = 0  # non-finite micro-batches skipped (on_nonfinite="skip")
+    tokens: int = 0  # real (non-pad) tokens processed, all ranks
+    train_seconds: float = 0.0
+    world_size: int = 1
+    mlflow_run_id: str | None = None
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _device(train: TrainConfig, local_rank: int) -> torch.device:
+    if train.use_gpu and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def build_engine(config: dict[str, Any], spec: ModelSpec, train: TrainConfig, plan: StepPlan,
+                 world: int, device: torch.device) -> DeepSpeedEngine | DDPEngine:
+    dtype = resolve_dtype(train.dtype, str(device))
+    ds_raw = config.get("deepspeed_config")
+    # DeepSpeed keeps fp32 master weights itself: load in the compute dtype. Plain torch keeps
+    # fp32 weights and autocasts (pure bf16 weights would lose small AdamW updates).
+    load_dtype = dtype if ds_raw is not None else torch.float32
+    _seed(train.seed)  # identical LoRA init on every rank
+    model = load_model(config["base_model_path"], spec, dtype=load_dtype, device=str(device))
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.lora is not None:
+        model = apply_lora(model, train.lora.model_dump())
+    loss_model = TokenLossModel(model, chunk_size=train.loss_chunk_size).to(device)
+    opt, sched = build_optimizer(loss_model, train.lr, train.weight_decay, plan.total_updates,
+                                 train.warmup_ratio, device)
+    if ds_raw is not None:
+        ds_cfg = fill_deepspeed_config(ds_raw, micro=train.micro_batch_size,
+                                       gas=train.grad_accum_steps, world=world,
+                                       max_grad_norm=train.max_grad_norm, dtype=dtype)
+        return DeepSpeedEngine(loss_model, ds_cfg, opt, sched)
+    autocast = dtype if dtype != torch.float32 else None
+    return DDPEngine(loss_model, opt, sched, gas=train.grad_accum_steps,
+                     max_grad_norm=train.max_grad_norm, device=device, autocast_dtype=autocast)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _dummy_batch(device: torch.device) -> dict[str, torch.Tensor]:
+    """One target token: a finite zero-weight backward that keeps every rank in lockstep."""
+    return {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+            "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device),
+            "labels": torch.tensor([[0, IGNORE_INDEX]], device=device),
+            "target_class": torch.tensor([[1, 0]], dtype=torch.int8, device=device)}
+
+
+def load_validation(config: dict[str, Any], rank: int, world: int) -> TokenRows | None:
+    path = config.get("validation_path")
+    if not path:
+        return None
+    rows = rows_from_table(read_table(path, ["sample_id", "input_ids", "response_mask"]),
+                           "response_mask")
+    return rows.take(np.arange(rank, len(rows), world))
+
+
+def validate(engine, rows: TokenRows | None, micro: int, pad_id: int,
+             device: torch.device) -> float | None:
+    """Mean CE over response tokens of the clean held-out rows, over all ranks.
+
+    Every rank runs the same number of forwards (ZeRO-3 forwards are collective); a rank
+    with fewer rows repeats its first batch and does not count it.
+    """
+    if rows is None:
+        return None
+    n_batches = torch.tensor([math.ceil(len(rows) / micro)], dtype=torch.long)
+    n_batches = int(_all_reduce(n_batches, dist.ReduceOp.MAX))
+    totals = torch.zeros(2, dtype=torch.float64)
+    engine.train(False)
+    with torch.no_grad():
+        for b in range(n_batches):
+            idx = np.arange(b * micro, min((b + 1) * micro, len(rows)))
+            real = len(idx) > 0
+            idx = idx if real else np.arange(min(micro, len(rows)))
+            pairs = [rows.row(i) for i in idx]
+            batch = _to(collate([p[0] for p in pairs], [p[1] for p in pairs], pad_id), device)
+            ce, _ = engine.forward(batch)
+            if real:
+                totals += torch.tensor([float(ce.double().sum()), ce.numel()], dtype=torch.float64)
+    engine.train(True)
+    totals = _all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+
+def _log_every(total: int) -> int:
+    return max(1, total // 50)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Train one model. `config` is TrainJob.to_dict() plus what the driver resolved:
+    `backend` ("ray" or local), `deepspeed_config` (dict or None), `keep_sample_ids`.
+    Returns the final metrics (also reported and, on rank 0, written to metrics.json)."""
+    ctx = make_context(config)
+    spec = ModelSpec.model_validate(config["model"])
+    train = TrainConfig.model_validate(config["train"])
+    device = _device(train, ctx.local_rank)
+    ctx.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(config, ctx, spec, train, device)
+    finally:
+        ctx.close()
+
+
+def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSpec,
+           train: TrainConfig, device: torch.device) -> dict[str, Any]:
+    rank, world = ctx.rank, ctx.world_size
+    micro, gas, method = train.micro_batch_size, train.grad_accum_steps, config["method"]
+    rows = ctx.train_rows()
+    # Equal row counts on every rank, or the ranks would run different numbers of steps.
+    n_rows = int(_all_reduce(torch.tensor([len(rows)]), dist.ReduceOp.MIN))
+    rows = rows.take(np.arange(n_rows))
+    plan = StepPlan.build(n_rows, micro, gas, train.epochs, train.max_steps)
+    total = plan.total_updates
+    pad_id = load_tokenizer(spec, config["base_model_path"]).pad_token_id or 0
+    val_rows = load_validation(config, rank, world)
+    engine = build_engine(config, spec, train, plan, world, device)
+    _seed(train.seed + 1000 * rank)  # distinct dropout streams per rank
+
+    state = TrainerState(world_size=world)
+    with ctx.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            saved = TrainerState(**json.loads((ckpt_dir / STATE_FILE).read_text()))
+            if saved.world_size != world:
+                raise RuntimeError(f"checkpoint {ckpt_dir} was written by {saved.world_size} "
+                                   f"workers, this run has {world}: ZeRO shards do not re-split")
+            engine.load(ckpt_dir)
+            state = saved
+    curves = TrainingCurves(config.get("mlflow"), rank=rank, run_name=config["run_name"],
+                            params={"method": method, **_flat("train", config["train"])},
+                            resume_run_id=state.mlflow_run_id)
+    state.mlflow_run_id = curves.run_id
+
+    lam_cfg = train.lambda_
+    log_every = _log_every(total)
+    # Running sums since the last report: pos CE, n_pos, neg CE, n_neg, tokens.
+    acc = torch.zeros(5, dtype=torch.float64)
+    interval_start, interval_steps, last_norm, lam = time.perf_counter(), 0, None, 0.0
+    metrics: dict[str, Any] = {}
+    while state.step < total:
+        step = state.step
+        epoch = plan.locate(step * gas)[0]
+        order = plan.epoch_order(epoch, train.seed)
+        batches = []
+        for k in range(step * gas, (step + 1) * gas):
+            epoch_k, pos_k = plan.locate(k)
+            if epoch_k != epoch:
+                epoch, order = epoch_k, plan.epoch_order(epoch_k, train.seed)
+            pairs = [rows.row(i) for i in plan.micro_batch_rows(order, pos_k)]
+            batches.append(collate([p[0] for p in pairs], [p[1] for p in pairs], pad_id))
+        counts = _all_reduce(step_counts(batches))
+        norm = Normalizer(train.normalization, world, gas, float(counts[0]), float(counts[1]))
+        lam = (lambda_at(step, total, lam_cfg.schedule, lam_cfg.t_max, lam_cfg.t_min)
+               if method == "forget" else 0.0)
+        for j, batch in enumerate(batches):
+            batch = _to(batch, device)
+            ce, cls = engine.forward(batch)
+            out = objective_for_batch(ce, cls, mode=method, lam=lam,
+                                      negative_term=train.negative_term, norm=norm)
+            loss = out.loss
+            if config.get("_nan_at_step") == step + 1:  # test hook: poison one step
+                loss = loss * float("nan")
+            bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]),
+                              dist.ReduceOp.MAX)
+            if bad.item():
+                if train.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss at optimizer step {step + 1} of {total} (micro-batch "
+                        f"{j + 1} of {gas}, method {method}, lambda {lam:.4g}); set "
+                        "train.on_nonfinite=skip to skip such micro-batches")
+                state.skipped_micro_batches += 1
+                dce, _ = engine.forward(_to(_dummy_batch(device), device))
+                loss = dce.sum() * 0.0
+            else:
+                acc += torch.tensor([float(out.pos_loss) * out.n_pos if out.n_pos else 0.0,
+                                     out.n_pos,
+                                     float(out.neg_loss) * out.n_neg if out.n_neg else 0.0,
+                                     out.n_neg, float(batch["attention_mask"].sum())],
+                                    dtype=torch.float64)
+            engine.backward(loss)
+            grad_norm = engine.micro_step(boundary=j == gas - 1)
+        last_norm = grad_norm
+        state.step += 1
+        interval_steps += 1
+
+        done = state.step == total
+        ckpt_now = done or (train.checkpoint_every and state.step % train.checkpoint_every == 0)
+        eval_now = val_rows is not None and (done or (train.eval_every and
+                                                      state.step % train.eval_every == 0))
+        if not (done or ckpt_now or eval_now or state.step % log_every == 0):
+            continue
+        sums = _all_reduce(acc.clone())
+        elapsed = time.perf_counter() - interval_start
+        state.tokens += int(sums[4])
+        state.train_seconds += elapsed
+        metrics = {
+            "step": state.step, "total_steps": total, "epoch": state.step * gas / plan.micro_per_epoch,
+            "pos_loss": float(sums[0] / sums[1]) if sums[1] else float("nan"),
+            "neg_loss": float(sums[2] / sums[3]) if sums[3] else float("nan"),
+            "lambda": lam, "lr": engine.lr(),
+            "grad_norm": last_norm if last_norm is not None else float("nan"),
+            "tokens_per_s": float(sums[4]) / elapsed if elapsed > 0 else float("nan"),
+            "step_time_s": elapsed / interval_steps,
+            "skipped_micro_batches": state.skipped_micro_batches,
+        }
+        if eval_now:
+            metrics["val_loss"] = validate(engine, val_rows, micro, pad_id, device)
+        curves.log({k: v for k, v in metrics.items() if v is not None and k != "total_steps"},
+                   step=state.step)
+        if ckpt_now:
+            with tempfile.TemporaryDirectory(prefix="lethe-ckpt-") as tmp:
+                engine.save(Path(tmp))
+                if rank == 0:
+                    write_json_atomic(Path(tmp) / STATE_FILE, asdict(state))
+                ctx.report(metrics, Path(tmp), state.step)
+            _maybe_inject_failure(config, state.step, rank)
+        else:
+            ctx.report(metrics, None, state.step)
+        acc.zero_()
+        interval_start, interval_steps = time.perf_counter(), 0
+
+    final = _finish(config, engine, spec, train, device, state, metrics, rank)
+    curves.finish()
+    return final
+
+
+def _finish(config, engine, spec, train, device, state, metrics, rank) -> dict[str, Any]:
+    """Export on rank 0 (after a collective gather for ZeRO-3) and write metrics.json."""
+    zero3 = isinstance(engine, DeepSpeedEngine) and engine.stage == 3
+    full = gather_state_dict(engine.module, zero3)
+    out_dir = Path(config["output_dir"])
+    final = {**metrics, "steps": state.step, "tokens": state.tokens,
+             "train_seconds": state.train_seconds,
+             "mean_tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
+             "skipped_micro_batches": state.skipped_micro_batches, "engine": engine.kind,
+             "zero_stage": engine.stage if isinstance(engine, DeepSpeedEngine) else None}
+    if rank == 0:
+        dtype = next(iter(full.values())).dtype if full else torch.float32
+        save_hf_folder(full, base_path=config["base_model_path"], spec=spec, train=train,
+                       dtype=dtype, out_dir=out_dir / "model")
+        write_json_atomic(out_dir / "metrics.json", final)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def _maybe_inject_failure(config: dict[str, Any], step: int, rank: int) -> None:
+    """Test hook `_fail_once_at_step`: every rank raises once, right after that checkpoint."""
+    if config.get("_fail_once_at_step") != step:
+        return
+    marker = Path(config["storage_path"]) / config["run_name"] / FAIL_MARKER
+    already = marker.exists()
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes the marker
+    if already:
+        return
+    if rank == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    raise RuntimeError(f"injected failure after the checkpoint of step {step}")
+
+
+def _flat(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}"
+        out.update(_flat(key, v) if isinstance(v, dict) else {key: v})
+    return out

@@ -1,0 +1,97 @@
+"""The training loss around the method core: target-row CE inside a module's forward.
+
+`TokenLossModel` wraps the causal LM so that the whole loss computation (decoder -> hidden
+rows at targets -> chunked CE against the lm_head weight) happens inside one `forward`.
+That matters for the engines: DDP must see the forward through its wrapper, and ZeRO-3
+only gathers a partitioned parameter inside the forward of a module that owns it or has
+it registered as external (the lm_head weight is read directly, never through
+`lm_head.forward`, so it is registered on this wrapper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from orchestrator.method.objective import ObjectiveOutput, forgetting_objective
+from orchestrator.method.token_loss import chunked_token_ce
+from orchestrator.models.losses import decoder_and_head
+from orchestrator.training.collate import IGNORE_INDEX
+
+
+class TokenLossModel(nn.Module):
+    """forward(input_ids, attention_mask, labels, target_class) -> (ce_rows, class_rows).
+
+    Only rows with a target (labels != IGNORE_INDEX) reach the head, so logits exist for a
+    chunk of target rows at a time, never for padding or prompt tokens.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 4096) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def head_weight(self) -> nn.Parameter:
+        return decoder_and_head(self.model)[1]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                target_class: Tensor) -> tuple[Tensor, Tensor]:
+        decoder, weight, bias = decoder_and_head(self.model)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         use_cache=False).last_hidden_state
+        rows = labels != IGNORE_INDEX
+        ce = chunked_token_ce(hidden[rows], weight, labels[rows], bias=bias,
+                              chunk_size=self.chunk_size, ignore_index=IGNORE_INDEX)
+        return ce, target_class[rows]
+
+
+@dataclass
+class Normalizer:
+    """How a micro-batch loss is normalised inside one optimizer step.
+
+    "global": the objective divides by the step's global class counts (all micro-batches,
+    all ranks) and the loss is multiplied by world * gas, because DeepSpeed divides each
+    micro-batch loss by gas and gradient all-reduce averages over ranks; the product is
+    then exactly the global-token-mean gradient. "micro_batch": the paper's per-micro-batch
+    means, averaged by the engine over micro-batches and ranks (scale 1).
+    """
+
+    normalization: str
+    world_size: int
+    grad_accum: int
+    global_pos: float | None = None
+    global_neg: float | None = None
+
+    @property
+    def scale(self) -> float:
+        return float(self.world_size * self.grad_accum) if self.normalization == "global" else 1.0
+
+
+def step_counts(batches: list[dict[str, Tensor]]) -> Tensor:
+    """[n_pos, n_neg] over this rank's micro-batches of one optimizer step (float64)."""
+    tc = torch.stack([torch.stack([(b["target_class"] == 1).sum(), (b["target_class"] == -1).sum()])
+                      for b in batches]).sum(0)
+    return tc.to(torch.float64)
+
+
+def objective_for_batch(ce: Tensor, cls: Tensor, *, mode: str, lam: float, negative_term: str,
+                        norm: Normalizer) -> ObjectiveOutput:
+    """The method core's objective on the target rows, scaled for the engine's averaging."""
+    out = forgetting_objective(
+        ce, cls, mode=mode, lam=lam, negative_term=negative_term,
+        normalization=norm.normalization,
+        global_pos_count=norm.global_pos if norm.normalization == "global" else None,
+        global_neg_count=norm.global_neg if norm.normalization == "global" else None,
+    )
+    out.loss = out.loss * norm.scale
+    return out
+
+
+def mean_response_ce(loss_model: nn.Module, batch: dict[str, Tensor]) -> tuple[float, int]:
+    """(sum of CE, count) over the batch's targets, for validation (no grad)."""
+    with torch.no_grad():
+        ce, _ = loss_model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                           batch["target_class"])
+    return float(ce.double().sum()), int(ce.numel())
