@@ -1,0 +1,100 @@
+"""Per-token losses from the decoder's hidden states, without full-vocabulary logits.
+
+The model's own forward would materialise [B, T, V] logits (V can be 150k); here the decoder
+runs alone, only the hidden rows at target positions are kept, and the method core's
+chunked cross-entropy turns them into losses a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from orchestrator.method.token_loss import chunked_token_ce, shift_targets, unshift_losses
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft PeftModel (the model itself otherwise).
+
+    LoRA layers stay in place inside the returned model, so running its decoder still
+    applies the adapters.
+    """
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | None]:
+    """(decoder, lm_head weight [V, H], lm_head bias [V] or None) of a causal LM.
+
+    The decoder is the `base_model_prefix` submodule (`model` for llama / qwen2,
+    `transformer` for gpt_neo); its output's `last_hidden_state` is taken after the final
+    norm, so `hidden @ weight.T + bias` are exactly the model's logits (these families apply
+    no logit scaling or soft-capping). Works through a peft wrapper.
+    """
+    base = _unwrap_peft(model)
+    prefix = getattr(base, "base_model_prefix", None)
+    decoder = getattr(base, prefix, None) if prefix else None
+    if decoder is None or decoder is base:
+        raise ValueError(
+            f"{type(base).__name__}: cannot find the decoder submodule "
+            f"(base_model_prefix={prefix!r}); expected a *ForCausalLM model"
+        )
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings (lm_head)")
+    if getattr(head, "base_layer", None) is not None:
+        # A peft tuner layer (e.g. LoRA) on the head: its .weight is the frozen base weight
+        # without the adapter's delta, so losses from it would silently be wrong.
+        raise ValueError(
+            "an adapter wraps lm_head; the chunked per-token loss reads the head weight "
+            "directly, so leave lm_head out of lora.target_modules (modules_to_save is fine)"
+        )
+    weight = head.weight
+    if weight.numel() == 0:
+        # DeepSpeed ZeRO-3 keeps parameters partitioned outside their module's forward.
+        raise ValueError(
+            "lm_head weight is empty (partitioned by ZeRO-3?); gather it before token_losses"
+        )
+    return decoder, weight, getattr(head, "bias", None)
+
+
+def token_losses(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    target_mask: Tensor,
+    *,
+    chunk_size: int = 4096,
+    position_ids: Tensor | None = None,
+) -> Tensor:
+    """Per-token CE, float32 [B, T] aligned with input_ids.
+
+    out[b, i] = CE of token i given tokens < i where target_mask[b, i] is set (i >= 1);
+    0.0 elsewhere, including position 0. Differentiable (training uses it). With packed
+    sequences (position_ids restarting per sample) the caller must clear target_mask at each
+    sample's first token, which has no in-sample context.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if target_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"target_mask shape {tuple(target_mask.shape)} != input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    decoder, weight, bias = decoder_and_head(model)
+    outputs = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    hidden = outputs[0]  # last_hidden_state [B, T, H] (ModelOutput or tuple alike)
+    # labels[:, t] = token t+1 where it is a target: the prediction made at position t.
+    labels = shift_targets(input_ids, target_mask)
+    predicting = labels != -100
+    rows = hidden[predicting]  # [N, H]: only the positions that carry a loss
+    losses = chunked_token_ce(rows, weight, labels[predicting], bias=bias, chunk_size=chunk_size)
+    shifted = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+    # Out-of-place scatter keeps the autograd path from each loss back to its hidden row.
+    shifted = shifted.masked_scatter(predicting, losses.float())
+    return unshift_losses(shifted)
