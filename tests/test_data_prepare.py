@@ -100,6 +100,12 @@ def test_multi_turn_masks_both_assistant_turns_only(tmp_path, tokenizer):
     assert got == ["I am fine, thank you." + EOS, "The answer is 95." + EOS]
     unmasked = [t for t, m in zip(row["input_ids"], row["response_mask"], strict=True) if not m]
     assert "Hello there!" in tokenizer.decode(unmasked) and "thank" not in tokenizer.decode(unmasked)
+    # the generation prompt for the second turn (history ends with eos) is the exact prefix
+    second_start = [i for i, m in enumerate(row["response_mask"]) if m][len(runs(row["input_ids"], row["response_mask"])[0])]
+    prompt = format_prompt(MULTI_ROW["messages"][:3], eos_token=EOS)
+    assert tokenizer.decode(row["input_ids"][:second_start]) == prompt
+    assert prompt == format_prompt(MULTI_ROW["messages"][:3], tokenizer=tokenizer)
+    assert prompt.endswith("thank you.<|endoftext|>\n<|user|>\nWhat is 37 + 58?\n<|assistant|>\n")
 
 
 def test_truncation_keeps_start_and_cuts_response(tmp_path, tokenizer):
@@ -185,6 +191,14 @@ def test_loaders_give_identical_tokens(tmp_path):
         assert (report.num_rows, report.num_accepted) == (3, 3)
         tables[name] = read_tokens(report.tokens_path).select(
             ["sample_id", "input_ids", "response_mask", "num_tokens", "source_id"]).to_pylist()
+    # a saved DatasetDict: the configured split is picked, a missing one is named
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(uniform)}).save_to_disk(str(tmp_path / "hf_dict"))
+    report = prepare_dataset(DataConfig(source="hf", path=str(tmp_path / "hf_dict")), tok, tmp_path / "out_dict")
+    tables["hf_dict"] = read_tokens(report.tokens_path).select(
+        ["sample_id", "input_ids", "response_mask", "num_tokens", "source_id"]).to_pylist()
+    with pytest.raises(DataError, match=r"split 'test' not found; available: \['train'\]"):
+        prepare_dataset(DataConfig(source="hf", path=str(tmp_path / "hf_dict"), split="test"), tok,
+                        tmp_path / "out_missing")
     first = tables["rows.jsonl"]
     assert [r["sample_id"] for r in first] == [0, 1, 2]
     assert [r["source_id"] for r in first] == [None, "sys-1", None]

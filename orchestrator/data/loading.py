@@ -100,7 +100,7 @@ def iter_source_rows(cfg: DataConfig, rows_path: str | None = None) -> Iterator[
         rows = iter_path_rows(rows_path, cfg.split)
     elif cfg.source == "synthetic":
         raise DataError("data.source='synthetic': pass rows_path (the generated train.jsonl)")
-    elif cfg.source == "hf":
+    elif cfg.source == "hf" and not Path(str(cfg.path)).is_file():
         rows = _iter_hf(str(cfg.path), cfg.split)
     else:
         rows = iter_path_rows(str(cfg.path), cfg.split)
