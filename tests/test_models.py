@@ -427,3 +427,31 @@ def test_token_losses_bad_shapes(tokenizer):
         token_losses(model, ids, None, torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\]"):
         token_losses(model, ids[0], None, torch.ones(5))
+
+
+def test_modules_to_save_head_uses_trained_copy(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model(tiny_spec("llama"), len(tokenizer), seed=2)
+    model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    _, weight, _ = decoder_and_head(model)
+    assert weight.requires_grad  # the trainable copy, not the frozen original
+    with torch.no_grad():
+        weight.mul_(3.0)  # make the copy differ from the original head
+    input_ids, attention_mask, target = sample_batch(tokenizer, seed=3)
+    losses = token_losses(model, input_ids, attention_mask, target)
+    expected = reference_token_losses(model, input_ids, attention_mask, target)
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tokenizer_source_and_revision():
+    from orchestrator.models.tokenizer import _tokenizer_source
+
+    hub = ModelSpec(name="m", family="qwen2", pretrained="org/model", revision="abc123")
+    assert _tokenizer_source(hub, None) == ("org/model", "abc123")
+    assert _tokenizer_source(hub, "org/model") == ("org/model", "abc123")
+    assert _tokenizer_source(hub, "/runs/finetuned") == ("/runs/finetuned", None)
+    own = ModelSpec(name="m", family="qwen2", pretrained="org/model", tokenizer="org/tok")
+    assert _tokenizer_source(own, None) == ("org/tok", None)

@@ -49,13 +49,10 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | None
             "an adapter wraps lm_head; the chunked per-token loss reads the head weight "
             "directly, so leave lm_head out of lora.target_modules (modules_to_save is fine)"
         )
-    weight = head.weight
-    if weight.numel() == 0:
-        # DeepSpeed ZeRO-3 keeps parameters partitioned outside their module's forward.
-        raise ValueError(
-            "lm_head weight is empty (partitioned by ZeRO-3?); gather it before token_losses"
-        )
-    return decoder, weight, getattr(head, "bias", None)
+    # Returned as the live parameter even when DeepSpeed ZeRO-3 has partitioned it (empty
+    # outside a forward): a caller that reads it inside a module's forward registers it as
+    # an external parameter there (training.loss.TokenLossModel does).
+    return decoder, head.weight, getattr(head, "bias", None)
 
 
 def token_losses(
@@ -88,6 +85,11 @@ def token_losses(
         position_ids=position_ids,
         use_cache=False,
     )
+    if weight.numel() == 0:
+        raise ValueError(
+            "lm_head weight is empty (partitioned by DeepSpeed ZeRO-3?): call token_losses "
+            "inside a module forward that registers it as an external parameter"
+        )
     hidden = outputs[0]  # last_hidden_state [B, T, H] (ModelOutput or tuple alike)
     # labels[:, t] = token t+1 where it is a target: the prediction made at position t.
     labels = shift_targets(input_ids, target_mask)

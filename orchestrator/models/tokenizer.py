@@ -114,17 +114,20 @@ def train_tokenizer(
 
 def _tokenizer_source(spec: ModelSpec, path: str | None) -> tuple[str, str | None]:
     """(where to load from, revision): an explicit path wins, then spec.tokenizer, then
-    spec.pretrained. The revision pins the pretrained checkpoint, so it only applies there."""
+    spec.pretrained. The revision pins the pretrained checkpoint, so it applies only when
+    the source is spec.pretrained (also when a caller passes that id as `path`)."""
     if path is not None:
-        return str(path), None
-    if spec.tokenizer is not None and spec.tokenizer != "train":
-        return spec.tokenizer, spec.revision if spec.tokenizer == spec.pretrained else None
-    if spec.tokenizer is None and spec.pretrained is not None:
-        return spec.pretrained, spec.revision
-    raise ValueError(
-        f"model '{spec.name}': tokenizer is 'train' (trained on the corpus), so load_tokenizer "
-        "needs the path it was saved to (the materialized base model folder)"
-    )
+        source = str(path)
+    elif spec.tokenizer is not None and spec.tokenizer != "train":
+        source = spec.tokenizer
+    elif spec.tokenizer is None and spec.pretrained is not None:
+        source = spec.pretrained
+    else:
+        raise ValueError(
+            f"model '{spec.name}': tokenizer is 'train' (trained on the corpus), so "
+            "load_tokenizer needs the path it was saved to (the materialized base model folder)"
+        )
+    return source, spec.revision if source == spec.pretrained else None
 
 
 def fix_pad_token(tokenizer: PreTrainedTokenizerBase, spec: ModelSpec) -> PreTrainedTokenizerBase:
