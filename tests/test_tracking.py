@@ -1,0 +1,291 @@
+"""MLflow tracking: local sqlite store, compare table, reachability, a live server, inspect."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ExperimentConfig, TrackingConfig
+from orchestrator.tracking import (
+    NullTracker,
+    Tracker,
+    TrackingError,
+    TrackingTarget,
+    check_reachable,
+    flatten_config,
+    open_run,
+    resolve_tracking_uri,
+)
+from orchestrator.tracking.tracker import PARAM_VALUE_MAX, TRUNCATION_MARKER, param_value
+
+SECRET = "hf_SuperSecretValue_12345"
+
+
+def _config(name: str = "exp-track", run_dir: str = "runs", **extra) -> ExperimentConfig:
+    return ExperimentConfig.model_validate({
+        "name": name, "run_dir": run_dir,
+        "models": [
+            {"name": f"m{i}", "family": "llama",
+             "from_config": {"hidden_size": 8, "num_layers": 1, "num_heads": 2}}
+            for i in range(3)
+        ],
+        **extra,
+    })
+
+
+def _search(uri: str, experiment: str, filt: str = ""):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=filt,
+                              output_format="pandas")
+
+
+# ------------------------------------------------------------------------ URIs and reachability
+
+
+def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = TrackingConfig(tracking_uri="http://127.0.0.1:1")
+    assert resolve_tracking_uri(cfg, tmp_path) == "http://127.0.0.1:1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:2")
+    assert resolve_tracking_uri(cfg, tmp_path) == "http://127.0.0.1:2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
+    port = _free_port()  # closed once the socket is released
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        Tracker.open(_config(run_dir=str(tmp_path)), tmp_path)
+    assert time.monotonic() - t0 < 5
+    msg = str(err.value)
+    assert f"MLflow tracking server at http://127.0.0.1:{port} is not reachable" in msg
+    assert "MLFLOW_TRACKING_URI" in msg and "tracking.enabled=false" in msg
+
+
+def test_disabled_tracking_is_a_no_op(tmp_path):
+    tracker = Tracker.open(_config(tracking={"enabled": False}), tmp_path)
+    assert isinstance(tracker, NullTracker)
+    parent = tracker.start_parent("p", _config())
+    parent.log_metrics({"a": 1.0})
+    with tracker.child("c", {"method": "sft"}) as run:
+        run.log_eval_metrics({"t": {"acc": 0.5}})
+        run.log_dict({"x": 1}, "x.json")
+    tracker.end_parent()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# ------------------------------------------------------------------------ params / flattening
+
+
+def test_flatten_and_truncate():
+    flat = flatten_config({"a": {"b": 1, "c": [1, 2]}, "m": [{"n": "x"}, {"n": "y"}], "e": {}})
+    assert flat == {"a.b": 1, "a.c": "[1, 2]", "m.0.n": "x", "m.1.n": "y", "e": "{}"}
+    long = param_value("x" * 2000)
+    assert len(long) == PARAM_VALUE_MAX and long.endswith(TRUNCATION_MARKER)
+    assert param_value(f"path/{SECRET}/x", {SECRET}) == "path/***/x"
+
+
+@pytest.fixture()
+def sqlite_tracker(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # anything written to ./mlruns would show up here
+    run_dir = tmp_path / "run"
+    cfg = _config(run_dir=str(run_dir))
+    return Tracker.open(cfg, run_dir), cfg, run_dir
+
+
+def test_tracker_logs_parent_children_params_tags_metrics_artifacts(sqlite_tracker, monkeypatch):
+    tracker, cfg, run_dir = sqlite_tracker
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    # A config value that happens to contain the secret must not reach MLflow.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": f"/d/{SECRET}"})})
+    flat = flatten_config(cfg.to_dict())
+    assert len(flat) > 100  # the batches must be chunked
+
+    parent = tracker.start_parent("pipeline", cfg)
+    tags = {"family": "llama", "method": "forget", "rho": 0.7, "lambda_max": 0.25,
+            "lambda_schedule": "linear", "negative_term": "ascent", "seed": 1, "model": "m0"}
+    with tracker.child("m0/forget/s1", tags) as run:
+        run.log_metrics({"train/loss": 1.5, "bad": float("nan")}, step=3)
+        run.log_eval_metrics({"lethe_synth_mc": {"acc": 0.75}})
+        run.log_partition_stats({"n_tokens": 10, "threshold": 0.1,
+                                 "histogram": {"edges": [0, 1, 2], "positive": [3, 4],
+                                               "negative": [2, 1]}})
+        run.log_dict({"k": [1, 2]}, "extra/info.json")
+        target = run.target
+    with pytest.raises(RuntimeError):
+        with tracker.child("stage-that-fails", {"stage": "score"}):
+            raise RuntimeError("boom")
+    tracker.end_parent()
+
+    runs = _search(tracker.uri, cfg.name)
+    assert len(runs) == 3
+    p = runs[runs["run_id"] == parent.run_id].iloc[0]
+    params = {c[len("params."):]: v for c, v in p.items()
+              if c.startswith("params.") and isinstance(v, str)}
+    assert len(params) == len(flat)
+    assert params["train.lr"] == str(cfg.train.lr) and params["models.2.name"] == "m2"
+    assert params["data.path"] == "/d/***"
+    assert not any(SECRET in v for v in params.values())
+    assert p["tags.lethe.version"] == "0.1.0" and p["status"] == "FINISHED"
+    assert re.fullmatch(r"[0-9a-f]{40}", p["tags.lethe.git_commit"])
+
+    c = runs[runs["run_id"] == target.run_id].iloc[0]
+    assert c["tags.mlflow.parentRunId"] == parent.run_id
+    assert {c[f"tags.{k}"] for k in ("family", "method", "seed", "rho")} == {"llama", "forget",
+                                                                             "1", "0.7"}
+    assert c["metrics.train/loss"] == 1.5 and c["metrics.eval/lethe_synth_mc/acc"] == 0.75
+    assert c["metrics.partition/n_tokens"] == 10 and "metrics.bad" not in runs.columns
+    failed = runs[runs["tags.mlflow.runName"] == "stage-that-fails"].iloc[0]
+    assert failed["status"] == "FAILED" and failed["tags.lethe.kind"] == "stage"
+
+    # Artifacts land under the run directory, never in ./mlruns.
+    art = run_dir / "mlartifacts"
+    assert (art / cfg.name).exists() is False  # experiment folders are ids, not names
+    files = {p.as_posix().split("/artifacts/", 1)[1] for p in art.rglob("*") if p.is_file()}
+    assert {"config.json", "extra/info.json", "partition/partition_stats.json",
+            "partition/score_histogram.png"} <= files
+    assert not Path("mlruns").exists()
+
+    # A worker (here: this process) logs into the run through its JSON target.
+    as_json = json.loads(json.dumps(target.to_dict()))
+    with open_run(as_json) as worker_run:
+        import mlflow
+
+        mlflow.log_metric("worker/fluent", 2.0)
+        worker_run.log_metrics({"worker/client": 3.0})
+    c = _search(tracker.uri, cfg.name, f"attributes.run_id = '{target.run_id}'").iloc[0]
+    assert c["metrics.worker/fluent"] == 2.0 and c["metrics.worker/client"] == 3.0
+    assert TrackingTarget.from_dict(as_json) == target
+
+
+def test_compare_mean_std_over_seeds(sqlite_tracker, tmp_path, capsys):
+    from orchestrator.tracking.compare import cli_compare, compare
+
+    tracker, cfg, run_dir = sqlite_tracker
+    known = {  # (model, method) -> per-seed acc
+        ("m0", "sft"): [0.5, 0.6], ("m0", "forget"): [0.7, 0.8], ("m1", "sft"): [0.2, 0.2],
+    }
+    tracker.start_parent("old", cfg)  # an older invocation must not leak into the table
+    with tracker.child("old", {"family": "llama", "model": "m0", "method": "sft", "seed": 0}) as r:
+        r.log_eval_metrics({"mc": {"acc": 0.0}})
+    tracker.end_parent()
+    time.sleep(0.01)
+    tracker.start_parent("new", cfg)
+    for (model, method), accs in known.items():
+        for seed, acc in enumerate(accs):
+            with tracker.child(f"{model}/{method}/s{seed}", {"family": "llama", "model": model,
+                                                             "method": method, "seed": seed}) as r:
+                r.log_eval_metrics({"mc": {"acc": acc}, "gen": {"exact_match": acc / 2}})
+    with tracker.child("score", {"stage": "score"}) as r:  # stage runs are not rows
+        r.log_metrics({"score/seconds": 1.0})
+    tracker.end_parent()
+
+    table = compare(tracker.uri, cfg.name)
+    assert list(table.index) == [("m0", "sft"), ("m0", "forget"), ("m1", "sft")]
+    assert table.loc[("m0", "sft"), "mc/acc"] == "0.550 ± 0.071"
+    assert table.loc[("m0", "forget"), "mc/acc"] == "0.750 ± 0.071"
+    assert table.loc[("m1", "sft"), "gen/exact_match"] == "0.100 ± 0.000"
+    assert table["seeds"].tolist() == [2, 2, 2]
+
+    out = tmp_path / "cmp"
+    cli_compare(tracker.uri, cfg.name, out)
+    printed = capsys.readouterr().out
+    assert "0.550 ± 0.071" in printed and "forget" in printed
+    assert (out / "compare_mc__acc.png").read_bytes()[:4] == b"\x89PNG"
+    parent_art = next((run_dir / "mlartifacts").rglob("compare/compare.txt"))
+    assert "0.750 ± 0.071" in parent_art.read_text()
+
+
+# ------------------------------------------------------------------------ a live server
+
+
+@pytest.mark.slow
+def test_mlflow_server_receives_a_run(tmp_path, monkeypatch):
+    from orchestrator.tracking.ui import start_ui, stop_ui
+
+    port = _free_port()
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = start_ui(store, port=port, timeout=90, log_path=tmp_path / "server.log")
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        check_reachable(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        cfg = _config(name="served")
+        tracker = Tracker.open(cfg, tmp_path / "unused")
+        assert tracker.uri == uri
+        tracker.start_parent("p", cfg)
+        with tracker.child("c", {"family": "llama", "method": "sft", "seed": 0}) as run:
+            run.log_eval_metrics({"mc": {"acc": 0.25}})
+            run.log_dict({"ok": True}, "served.json")
+        tracker.end_parent()
+        runs = _search(uri, "served")
+        assert len(runs) == 2 and 0.25 in runs["metrics.eval/mc/acc"].tolist()
+        assert list((tmp_path / "mlartifacts").rglob("served.json"))  # proxied to the run dir
+    finally:
+        stop_ui(proc)
+    assert proc.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # the whole process group is gone
+
+
+# ------------------------------------------------------------------------ inspect
+
+
+def test_inspect_sample_marks_classes_and_noise(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from orchestrator.tracking.inspect import inspect_sample
+
+    vocab = {"<|endoftext|>": 0, "Q": 1, "?": 2, "A": 3, "B": 4, "C": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(
+        tmp_path / "tok")
+    nan = float("nan")
+    pq.write_table(pa.table({
+        "sample_id": pa.array([7, 8], pa.int64()),
+        "input_ids": [[1, 2, 3, 4, 5, 0], [1, 3]],
+        "response_mask": pa.array([[0, 0, 1, 1, 1, 1], [0, 1]], pa.list_(pa.int8())),
+        "noise_mask": pa.array([[0, 0, 0, 1, 0, 0], [0, 0]], pa.list_(pa.int8())),
+        "token_class": pa.array([[0, 0, 1, -1, 1, 1], [0, 1]], pa.list_(pa.int8())),
+    }), tmp_path / "partitioned.parquet")
+    (tmp_path / "scores").mkdir()  # a folder of parquet files, as Ray Data writes
+    pq.write_table(pa.table({
+        "sample_id": pa.array([7, 8], pa.int64()),
+        "base_loss": pa.array([[nan, nan, 2.0, 1.0, 3.0, 0.5], [nan, 1.0]], pa.list_(pa.float32())),
+        "ref_loss": pa.array([[nan, nan, 1.0, 3.0, 1.0, 0.5], [nan, 1.0]], pa.list_(pa.float32())),
+    }), tmp_path / "scores" / "part-0.parquet")
+
+    text, page = inspect_sample(tmp_path / "partitioned.parquet", tmp_path / "scores",
+                                tmp_path / "tok", 7)
+    rows = {int(line.split()[0]): line.split() for line in text.splitlines()[4:]}
+    assert set(rows) == {2, 3, 4, 5}  # response tokens only
+    assert rows[2][1:4] == ["'A'", "1.0000", "+"]
+    assert rows[3][1:5] == ["'B'", "-2.0000", "−", "!"]  # negative and noise
+    assert rows[4][1:4] == ["'C'", "2.0000", "+"] and len(rows[4]) == 4
+    assert "\x1b[2mQ\x1b[0m" in text  # prompt dimmed
+    assert "\x1b[48;2;33;102;172m" in text  # score +2 = the scale maximum: full blue
+    assert "\x1b[48;2;178;24;43m" in text  # score -2: full red
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
+    assert page.count('class="tok noise"') == 1 and page.count('<sup class="cl">−</sup>') == 1
+    with pytest.raises(KeyError, match="sample_id 99"):
+        inspect_sample(tmp_path / "partitioned.parquet", tmp_path / "scores", tmp_path / "tok", 99)
