@@ -110,7 +110,7 @@ def expected(model_dirs, rows) -> dict[str, dict[str, dict[int, np.ndarray]]]:
 
 def _assert_matches(sample_ids, base_loss, ref_loss, exp: dict) -> None:
     assert sorted(int(s) for s in sample_ids) == sorted(exp["base"])
-    for sid, b, r in zip(sample_ids, base_loss, ref_loss):
+    for sid, b, r in zip(sample_ids, base_loss, ref_loss, strict=True):
         for got, want in ((b, exp["base"][int(sid)]), (r, exp["ref"][int(sid)])):
             got = got if isinstance(got, np.ndarray) else np.asarray(got, dtype=np.float32)
             assert got.dtype == np.float32 and got.shape == want.shape

@@ -154,7 +154,7 @@ class TokenScorer:
         if not len(sample_ids) == len(ids) == len(masks):
             raise ValueError(f"scoring batch columns differ in length: sample_id {len(sample_ids)}, "
                              f"input_ids {len(ids)}, response_mask {len(masks)}")
-        for sid, row, mask in zip(sample_ids, ids, masks):
+        for sid, row, mask in zip(sample_ids, ids, masks, strict=True):
             if len(row) != len(mask):
                 raise ValueError(f"sample_id {sid}: input_ids has {len(row)} tokens but "
                                  f"response_mask has {len(mask)}")
