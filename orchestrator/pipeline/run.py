@@ -90,7 +90,8 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
         return out
     partition = S.partition_stage(cfg, tokens, scores)
     out.partition_report = S.partition_report(partition)
-    track.log_partition(spec, out.partition_report, partition.dir)
+    track.log_partition(spec, out.partition_report, partition.dir,
+                        scores_dir=S.scores_path(scores), tokenizer_dir=out.base_model)
     if until == "partition":
         return out
 
@@ -106,7 +107,22 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
     for job, done in _parallel(train_one, jobs, cfg.ray.max_parallel_trainings):
         out.models[job] = S.model_path(done)
         out.train_metrics[job] = S.stage_metrics(done)
+        track.log_train_metrics(spec, job[0], job[1], out.train_metrics[job])
     return out
+
+
+def _run_stages(cfg: ExperimentConfig, until: str | None, track: PipelineTracking) -> dict[str, Any]:
+    synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
+    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+    outcomes = _parallel(
+        lambda spec: _model_chain(cfg, spec, rows, valid_rows, ident, until, track),
+        list(cfg.models), cfg.ray.max_parallel_models)
+    results: dict[str, Any] = {"outcomes": outcomes}
+    if until in (None, "evaluate") and cfg.evaluate.enabled:
+        from orchestrator.pipeline.evaluate_stage import evaluate_outcomes
+
+        results["eval"] = evaluate_outcomes(cfg, outcomes, synthetic, track)
+    return results
 
 
 def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, Any]:
@@ -122,19 +138,13 @@ def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, A
     save_config(cfg, root / "resolved_config.yaml")
     track.start(cfg, root / "resolved_config.yaml")
 
-    synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
-    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
-    outcomes = _parallel(
-        lambda spec: _model_chain(cfg, spec, rows, valid_rows, ident, until, track),
-        list(cfg.models), cfg.ray.max_parallel_models)
-
-    results: dict[str, Any] = {"outcomes": outcomes}
-    if until in (None, "evaluate") and cfg.evaluate.enabled:
-        from orchestrator.pipeline.evaluate_stage import evaluate_outcomes
-
-        results["eval"] = evaluate_outcomes(cfg, outcomes, synthetic, track)
+    try:
+        results = _run_stages(cfg, until, track)
+    except BaseException:
+        track.fail()
+        raise
     wall = time.time() - t0
-    track.finish(outcomes, results.get("eval", {}), wall)
+    track.finish(wall, compare=until in (None, "evaluate") and cfg.evaluate.enabled)
     if until in (None, "evaluate") and cfg.evaluate.enabled:
         print(track.comparison_text())
     print(f"[lethe] pipeline finished in {wall:.1f} s; run directory: {root}")
@@ -185,8 +195,9 @@ def inspect_sample_cli(cfg: ExperimentConfig, model: str, sample_id: int,
                                            "partition": cfg.partition.model_dump(mode="json")})
     if found is None:
         raise SystemExit("lethe inspect: no finished partition for this config; run `lethe run` first")
-    scores_key = found.inputs["scores"]
-    scores_dir = S.stages_root(cfg) / "scores" / scores_key / "scores"
+    scores = S.StageOut(found.inputs["scores"], S.stages_root(cfg) / "scores" / found.inputs["scores"],
+                        True)
+    scores_dir = S.scores_path(scores)
     text, html = inspect_sample(found.dir / "partitioned.parquet", scores_dir,
                                 S.model_path(base), sample_id)
     if html_out:

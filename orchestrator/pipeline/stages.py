@@ -212,13 +212,13 @@ def partition_stage(cfg: ExperimentConfig, tokens: StageOut, scores: StageOut) -
     _log_stage(st, cached)
     if not cached:
         st.prepare()
-        report = run_partition(tokens.dir / "tokens.parquet", _scores_path(scores), cfg.partition,
+        report = run_partition(tokens.dir / "tokens.parquet", scores_path(scores), cfg.partition,
                                st.dir)
         st.mark_done({"report": report})
     return StageOut(st.key, st.dir, cached)
 
 
-def _scores_path(scores: StageOut) -> Path:
+def scores_path(scores: StageOut) -> Path:
     return Path(json.loads((scores.dir / "_SUCCESS.json").read_text())["scores_path"])
 
 

@@ -1,0 +1,208 @@
+"""How the pipeline maps onto MLflow runs.
+
+    experiment (one per config name)
+      parent run "pipeline-<time>"        flattened config as params, resolved config, compare table
+        child "<model>/<method>/s<seed>"  tags family/model/method/seed/rho/lambda...; training
+                                          curves (logged by rank 0 into this run), eval metrics
+        child "<model>/base"              the untrained base model's eval metrics (the floor)
+        child "<model>/partition"         partition stats, histogram, token inspector pages
+
+Children are created once per pipeline run, even when their stages are cached, so the
+comparison of the latest parent run always has every row.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ExperimentConfig, ModelSpec
+from orchestrator.tracking import Tracker
+
+INSPECT_SAMPLES = 3  # inspector pages logged per model (noisy samples first)
+
+
+class PipelineTracking:
+    def __init__(self, tracker: Any, cfg: ExperimentConfig, root: Path) -> None:
+        self.tracker = tracker
+        self.cfg = cfg
+        self.root = root
+        self.parent: Any = None
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, cfg: ExperimentConfig, root: Path, check: bool = True) -> PipelineTracking:
+        """Resolve the store; with `check`, an unreachable server raises TrackingError now."""
+        return cls(Tracker.open(cfg, root, check=check), cfg, root)
+
+    @property
+    def uri(self) -> str:
+        return self.tracker.uri or "(tracking disabled)"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tracker.enabled)
+
+    def start(self, cfg: ExperimentConfig, config_path: Path | None, run_name: str | None = None) -> None:
+        name = run_name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.parent = self.tracker.start_parent(name, cfg)
+        if config_path is not None and self.enabled:
+            self.parent.log_artifact(config_path)
+
+    # ------------------------------------------------------------------ child runs
+
+    def _tags(self, spec: ModelSpec, method: str, seed: Any) -> dict[str, Any]:
+        tags: dict[str, Any] = {"family": spec.family, "model": spec.name, "method": method,
+                                "seed": seed}
+        if method in ("ignore", "forget"):
+            tags["rho"] = self.cfg.partition.rho
+        if method == "forget":
+            lam = self.cfg.train.lambda_
+            tags.update(lambda_max=lam.t_max, lambda_schedule=lam.schedule,
+                        negative_term=self.cfg.train.negative_term)
+        return tags
+
+    def child(self, spec: ModelSpec, method: str, seed: Any,
+              extra_tags: dict[str, Any] | None = None) -> Any:
+        key = (spec.name, method, str(seed), *sorted(f"{k}={v}" for k, v in (extra_tags or {}).items()))
+        with self._lock:
+            if key not in self._children:
+                suffix = "" if method in ("base", "partition") else f"/s{seed}"
+                name = f"{spec.name}/{method}{suffix}"
+                if extra_tags and "trial_id" in extra_tags:
+                    name = f"{name}/{extra_tags['trial_id']}"
+                tags = self._tags(spec, method, seed)
+                if method == "partition":
+                    tags.pop("method")
+                    tags["lethe.stage"] = "partition"
+                self._children[key] = self.tracker.start_child(name, {**tags, **(extra_tags or {})})
+            return self._children[key]
+
+    def target(self, spec: ModelSpec, method: str, seed: Any,
+               extra_tags: dict[str, Any] | None = None) -> Any:
+        """Where a training run's rank 0 logs its curves (None when tracking is off)."""
+        if not self.enabled:
+            return None
+        from orchestrator.training import MlflowTarget
+
+        if method == "reference":  # its own run: the reference is not a compared method
+            with self._lock:
+                run = self._children.setdefault((spec.name, "reference"), self.tracker.start_child(
+                    f"{spec.name}/reference",
+                    {"family": spec.family, "model": spec.name, "lethe.stage": "reference"}))
+        else:
+            run = self.child(spec, method, seed, extra_tags)
+        return MlflowTarget(tracking_uri=self.tracker.uri, experiment=self.tracker.experiment,
+                            parent_run_id=self.parent.run_id if self.parent else None,
+                            run_id=run.run_id, run_name=run.target.run_name,
+                            tags=dict(run.target.tags))
+
+    # ------------------------------------------------------------------ stage results
+
+    def log_partition(self, spec: ModelSpec, report: dict[str, Any], stage_dir: Path,
+                      scores_dir: Path | None = None, tokenizer_dir: str | None = None) -> None:
+        if not self.enabled:
+            return
+        run = self.child(spec, "partition", "-")
+        run.log_partition_stats(report)
+        for name in ("histogram.png", "report.json"):
+            if (stage_dir / name).is_file():
+                run.log_artifact(stage_dir / name, "partition")
+        if scores_dir is not None and tokenizer_dir is not None:
+            self._log_inspector_pages(run, stage_dir / "partitioned.parquet", scores_dir, tokenizer_dir)
+
+    def _log_inspector_pages(self, run: Any, partitioned: Path, scores_dir: Path, tok: str) -> None:
+        import pyarrow.parquet as pq
+
+        from orchestrator.tracking.inspect import inspect_sample
+
+        cols = ["sample_id"] + (["noise_mask"] if "noise_mask" in pq.read_schema(partitioned).names else [])
+        table = pq.read_table(partitioned, columns=cols).to_pydict()
+        ids = table["sample_id"]
+        if "noise_mask" in table:  # noisy samples first: they show what forgetting targets
+            ids = sorted(ids, key=lambda i: -sum(table["noise_mask"][ids.index(i)]))
+        for sid in ids[:INSPECT_SAMPLES]:
+            _, html = inspect_sample(partitioned, scores_dir, tok, int(sid))
+            run.log_text(html, f"inspect/sample_{sid}.html")
+
+    def log_eval(self, results: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> None:
+        if not self.enabled:
+            return
+        specs = {m.name: m for m in self.cfg.models}
+        for label, metrics in results.items():
+            name, method, seed = label.split("/")
+            run = self.child(specs[name], method, seed.lstrip("s"))
+            run.log_eval_metrics(metrics)
+            if (dirs[label] / "eval_results.json").is_file():
+                run.log_artifact(dirs[label] / "eval_results.json", "eval")
+
+    def log_train_metrics(self, spec: ModelSpec, method: str, seed: Any,
+                          metrics: dict[str, Any]) -> None:
+        if self.enabled:
+            self.child(spec, method, seed).log_metrics({f"final/{k}": v for k, v in metrics.items()})
+
+    def finish(self, wall_s: float, compare: bool = True) -> None:
+        if not self.enabled or self.parent is None:
+            return
+        self.parent.log_metrics({"pipeline_wall_s": wall_s})
+        for run in self._children.values():
+            run.end("FINISHED")
+        if compare:
+            from orchestrator.tracking.compare import cli_compare
+
+            cli_compare(self.tracker.uri, self.tracker.experiment, self.root / "compare",
+                        parent_run_id=self.parent.run_id, print_table=False)
+        self.tracker.end_parent("FINISHED")
+
+    def fail(self) -> None:
+        if self.enabled and self.parent is not None:
+            for run in self._children.values():
+                run.end("FAILED")
+            self.tracker.end_parent("FAILED")
+
+    def comparison_text(self) -> str:
+        if not self.enabled:
+            return "(tracking disabled: no comparison table)"
+        from orchestrator.tracking.compare import compare, format_table
+
+        parent = self.parent.run_id if self.parent is not None else None
+        return format_table(compare(self.tracker.uri, self.tracker.experiment, parent_run_id=parent))
+
+    def log_sweep(self, rows: list[dict[str, Any]], metric: str, best_path: Path, table: str) -> None:
+        """The sweep's table, best config and a metric-vs-(lambda, rho) plot on the parent."""
+        if not self.enabled or self.parent is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.parent.log_text(table, "sweep/trials.txt")
+        self.parent.log_artifact(best_path, "sweep")
+        ok = [r for r in rows if r.get(metric) is not None]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        if ok:
+            lam = [r["lambda_max"] for r in ok]
+            rho = [r["rho"] for r in ok]
+            val = [r[metric] for r in ok]
+            axes[0].scatter(lam, val)
+            axes[0].set_xscale("log")
+            axes[0].set_xlabel("lambda_max")
+            axes[0].set_ylabel(metric)
+            axes[1].scatter(rho, val)
+            axes[1].set_xlabel("rho")
+            axes[1].set_ylabel(metric)
+            sc = axes[2].scatter(lam, rho, c=val, cmap="viridis")
+            axes[2].set_xscale("log")
+            axes[2].set_xlabel("lambda_max")
+            axes[2].set_ylabel("rho")
+            fig.colorbar(sc, ax=axes[2], label=metric)
+        fig.suptitle(f"sweep {self.cfg.name}: {metric} by trial")
+        fig.tight_layout()
+        self.parent.log_figure(fig, "sweep/metric_vs_lambda_rho.png")
+        pick = max if self.cfg.tune.mode == "max" else min
+        self.parent.log_metrics({f"best/{metric}": pick(r[metric] for r in ok) if ok else None})
+        self.finish(0.0, compare=False)
