@@ -189,6 +189,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
     _seed(train.seed + 1000 * rank)  # distinct dropout streams per rank
 
     state = TrainerState(world_size=world)
+    resumed_from = 0
     with ctx.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
             saved = TrainerState(**json.loads((ckpt_dir / STATE_FILE).read_text()))
@@ -196,7 +197,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
                 raise RuntimeError(f"checkpoint {ckpt_dir} was written by {saved.world_size} "
                                    f"workers, this run has {world}: ZeRO shards do not re-split")
             engine.load(ckpt_dir)
-            state = saved
+            state, resumed_from = saved, saved.step
     curves = TrainingCurves(config.get("mlflow"), rank=rank, run_name=config["run_name"],
                             params={"method": method, **_flat("train", config["train"])},
                             resume_run_id=state.mlflow_run_id)
@@ -290,6 +291,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
         acc.zero_()
         interval_start, interval_steps = time.perf_counter(), 0
 
+    metrics["resumed_from_step"] = resumed_from
     final = _finish(config, engine, spec, train, device, state, metrics, rank)
     curves.finish()
     return final
