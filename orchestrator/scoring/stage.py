@@ -42,6 +42,7 @@ def _table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     batch: dict[str, np.ndarray] = {"sample_id": table["sample_id"].to_numpy().astype(np.int64)}
     for name in ("input_ids", "response_mask"):
         col = table[name].combine_chunks()
+        # Offsets of a sliced ListArray are absolute positions in its (unsliced) child.
         offsets = col.offsets.to_numpy()
         values = col.values.to_numpy(zero_copy_only=False)
         rows = np.empty(len(col), dtype=object)
@@ -109,7 +110,8 @@ class _BlockWriter:
         lengths = pa.compute.list_value_length(table["base_loss"]).to_numpy()
         self.real_tokens += int(lengths.sum())
         self.computed_tokens += int(table["padded_length"].to_numpy().sum())
-        flat = table["base_loss"].combine_chunks().values.to_numpy(zero_copy_only=False)
+        # flatten() honours slices (`.values` would be the whole child array of a slice).
+        flat = table["base_loss"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
         self.scored_tokens += int(np.count_nonzero(~np.isnan(flat)))
         blocks = self.plan.block_of(sids)
         for b in np.unique(blocks):

@@ -1,0 +1,257 @@
+"""The partition stage: per-token classes from scores, written beside the tokens.
+
+Two paths with identical results (tested against each other and the method core):
+- in memory (corpus up to `in_memory_max_tokens` tokens): gather the flat response scores and
+  call `orchestrator.method.partition` directly;
+- distributed (larger corpora): Ray Data passes over tokens.parquet, each batch joined with its
+  scores by sample_id. Global mode: a histogram pass and a bracket pass find the exact
+  threshold and tie cut-off (`threshold.py`), then a map pass writes the class column.
+  Per-sample mode needs only the map pass (every sample is partitioned on its own).
+
+Outputs in out_dir: partitioned.parquet (tokens columns + token_class list<int8>: +1/-1 on
+response tokens, 0 elsewhere), report.json (partition_stats plus exact counts and the
+threshold), histogram.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.config import PartitionConfig
+from orchestrator.method.partition import (
+    global_threshold,
+    partition_global,
+    partition_per_sample,
+    partition_stats,
+)
+from orchestrator.partition.corpus import (
+    join_response_scores,
+    scores_for,
+)
+from orchestrator.partition.corpus import score_index as build_score_index
+from orchestrator.partition.plots import plot_histogram
+from orchestrator.partition.threshold import (
+    GlobalCut,
+    bracket_from_histogram,
+    bracket_members,
+    cut_from_bracket,
+    histogram_partial,
+)
+from orchestrator.scoring.blocks import score_files
+
+OUTPUT_FILE = "partitioned.parquet"
+_STATS_COLUMNS = ["_score", "_class", "_noise"]
+
+
+# ----------------------------------------------------------- per-batch functions (Ray Data)
+
+
+def _join(table: pa.Table, index: list[dict]):
+    return join_response_scores(table, scores_for(table["sample_id"].to_numpy(), index))
+
+
+def _flat_ids(rs) -> tuple[np.ndarray, np.ndarray]:
+    return np.repeat(rs.sample_ids, np.diff(rs.offsets)), rs.positions
+
+
+def _histogram_batch(table: pa.Table, index: list[dict]) -> pa.Table:
+    part = histogram_partial(_join(table, index).scores)
+    return pa.table({"bins": [part["bins"]], "counts": [part["counts"]], "n": [int(part["n"])],
+                     "max": [float(part["max"])]})
+
+
+def _bracket_batch(table: pa.Table, index: list[dict], bin_index: int) -> pa.Table:
+    rs = _join(table, index)
+    sids, pos = _flat_ids(rs)
+    m = bracket_members(rs.scores, sids, pos, bin_index)
+    return pa.table({k: [v] for k, v in m.items()})
+
+
+def _classify_batch(table: pa.Table, index: list[dict], mode: str, rho: float,
+                    cut: dict | None, stride: int) -> pa.Table:
+    rs = _join(table, index)
+    if mode == "per_sample":
+        classes = partition_per_sample(rs.scores, rs.offsets, rho)
+    else:
+        sids, pos = _flat_ids(rs)
+        rule = GlobalCut(cut["threshold"], cut["k_ties"],
+                         tuple(cut["tie_cutoff"]) if cut["tie_cutoff"] is not None else None)
+        classes = rule.classify(rs.scores, sids, pos)
+    out = rs.with_classes(classes)
+    # Flat statistics ride along as one-row-per-sample lists, subsampled every `stride`-th
+    # response token of the batch; the driver strips them before writing.
+    keep = np.zeros(rs.scores.size, dtype=bool)
+    keep[::stride] = True
+    owner = np.repeat(np.arange(len(rs.sample_ids)), np.diff(rs.offsets))
+    per_sample = np.bincount(owner[keep], minlength=len(rs.sample_ids))
+    offs = pa.array(np.concatenate(([0], np.cumsum(per_sample))).astype(np.int32))
+    noise = rs.noise if rs.noise is not None else np.zeros(rs.scores.size, dtype=np.int8)
+    for name, values, typ in (("_score", rs.scores, pa.float32()), ("_class", classes, pa.int8()),
+                              ("_noise", noise, pa.int8())):
+        out = out.append_column(name, pa.ListArray.from_arrays(offs, pa.array(values[keep], typ)))
+    # Exact batch counts on the first row (0 on the others), summed by the driver.
+    first = np.arange(out.num_rows) == 0
+    for name, count in (("_n_pos", np.count_nonzero(classes == 1)), ("_n_resp", rs.scores.size)):
+        out = out.append_column(name, pa.array(np.where(first, int(count), 0).astype(np.int64)))
+    return out
+
+
+# ------------------------------------------------------------------------------ paths
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _in_memory(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_path: Path):
+    tokens = pq.read_table(tokens_path)
+    scores = pa.concat_tables([
+        pq.read_table(p, columns=["sample_id", "base_loss", "ref_loss"]) for p in score_files(scores_path)
+    ])
+    rs = join_response_scores(tokens, scores)
+    info: dict = {"path": "in_memory"}
+    if cfg.mode == "global":
+        t, k_ties = global_threshold(rs.scores, cfg.rho)
+        classes = partition_global(rs.scores, cfg.rho)
+        info.update(global_threshold=t, k_ties=k_ties)
+    else:
+        classes = partition_per_sample(rs.scores, rs.offsets, cfg.rho)
+    _write_atomic(rs.with_classes(classes), out_path)
+    n_pos = int(np.count_nonzero(classes == 1))
+    info.update(n_samples=len(rs.sample_ids), exact_n_tokens=int(rs.scores.size), exact_n_positive=n_pos)
+    return rs.scores, classes, rs.noise, info
+
+
+def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_path: Path,
+                 rows_per_block: int, stride: int):
+    import ray
+
+    index = build_score_index(scores_path)
+    names = pq.read_schema(tokens_path).names
+    has_noise = "noise_mask" in names
+
+    def tokens_ds(columns: list[str] | None = None):
+        ds = ray.data.read_parquet(str(tokens_path), columns=columns)
+        return ds.repartition(target_num_rows_per_block=rows_per_block)
+
+    info: dict = {"path": "distributed"}
+    cut = None
+    if cfg.mode == "global":
+        light = ["sample_id", "response_mask"]
+        partials = tokens_ds(light).map_batches(
+            _histogram_batch, batch_format="pyarrow", fn_kwargs={"index": index}).take_all()
+        bracket = bracket_from_histogram(partials, cfg.rho)
+        members = []
+        if bracket.bin >= 0:
+            members = tokens_ds(light).map_batches(
+                _bracket_batch, batch_format="pyarrow",
+                fn_kwargs={"index": index, "bin_index": bracket.bin}).take_all()
+            members = [{k: np.asarray(v) for k, v in m.items()} for m in members]
+        rule = cut_from_bracket(bracket, members)
+        cut = {"threshold": rule.threshold, "k_ties": rule.k_ties, "tie_cutoff": rule.tie_cutoff}
+        info.update(global_threshold=rule.threshold, k_ties=rule.k_ties,
+                    bracket_size=int(sum(len(m["score"]) for m in members)))
+
+    ctx = ray.data.DataContext.get_current()
+    old_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # deterministic row order in the output file
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    flat: dict[str, list[np.ndarray]] = {c: [] for c in _STATS_COLUMNS}
+    n_samples = n_pos = n_resp = 0
+    writer = None
+    try:
+        mapped = tokens_ds().map_batches(
+            _classify_batch, batch_format="pyarrow",
+            fn_kwargs={"index": index, "mode": cfg.mode, "rho": cfg.rho, "cut": cut, "stride": stride})
+        for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+            for c in _STATS_COLUMNS:
+                flat[c].append(batch[c].combine_chunks().flatten().to_numpy(zero_copy_only=False))
+            n_pos += int(batch["_n_pos"].to_numpy().sum())
+            n_resp += int(batch["_n_resp"].to_numpy().sum())
+            n_samples += batch.num_rows
+            batch = batch.drop_columns([*_STATS_COLUMNS, "_n_pos", "_n_resp"])
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, batch.schema)
+            writer.write_table(batch.cast(writer.schema))
+    finally:
+        ctx.execution_options.preserve_order = old_order
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError(f"{tokens_path}: no token rows to partition")
+    os.replace(tmp, out_path)
+    scores, classes, noise = (np.concatenate(flat[c]) for c in _STATS_COLUMNS)
+    info.update(n_samples=n_samples, exact_n_tokens=n_resp, exact_n_positive=n_pos)
+    return scores, classes, (noise if has_noise else None), info
+
+
+def _total_tokens(tokens_path: Path) -> int:
+    names = pq.read_schema(tokens_path).names
+    if "num_tokens" in names:
+        return int(pq.read_table(tokens_path, columns=["num_tokens"])["num_tokens"].to_numpy().sum())
+    col = pq.read_table(tokens_path, columns=["response_mask"])["response_mask"]
+    return int(pa.compute.sum(pa.compute.list_value_length(col)).as_py() or 0)
+
+
+def run_partition(
+    tokens_path: Path,
+    scores_path: Path,
+    cfg: PartitionConfig,
+    out_dir: Path,
+    *,
+    in_memory_max_tokens: int = 50_000_000,
+    rows_per_block: int = 1024,
+    stats_max_tokens: int = 20_000_000,
+) -> dict:
+    """Partition every response token (score = base_loss - ref_loss); returns the report.
+
+    Corpora above `in_memory_max_tokens` tokens (all positions) take the distributed path,
+    which needs Ray (initialised by the caller). The distributed report's histogram and AUROC
+    come from every k-th response token when the corpus exceeds `stats_max_tokens`; counts and
+    the threshold are always exact.
+    """
+    tokens_path, scores_path, out_dir = Path(tokens_path), Path(scores_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / OUTPUT_FILE
+    total = _total_tokens(tokens_path)
+    if total <= in_memory_max_tokens:
+        scores, classes, noise, info = _in_memory(tokens_path, scores_path, cfg, out_path)
+        stride = 1
+    else:
+        stride = max(1, math.ceil(total / stats_max_tokens))
+        scores, classes, noise, info = _distributed(tokens_path, scores_path, cfg, out_path,
+                                                    rows_per_block, stride)
+    stats = partition_stats(scores, classes, noise, bins=cfg.histogram_bins)
+    n_tokens = info.pop("exact_n_tokens")
+    n_pos = info.pop("exact_n_positive")
+    report = {
+        **stats,
+        "mode": cfg.mode,
+        "rho": cfg.rho,
+        "n_tokens": n_tokens,
+        "n_positive": n_pos,
+        "n_negative": n_tokens - n_pos,
+        "positive_fraction": n_pos / n_tokens if n_tokens else 0.0,
+        "stats_sample_stride": stride,
+        **info,
+    }
+    if cfg.mode == "global":
+        report["threshold"] = report["global_threshold"]
+    tmp = out_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out_dir / "report.json")
+    plot_histogram(scores, classes, noise, report["threshold"] if cfg.mode == "global" else None,
+                   cfg.histogram_bins, out_dir / "histogram.png")
+    print(f"partition ({info['path']}, {cfg.mode}, rho={cfg.rho}): {n_pos} positive / "
+          f"{n_tokens - n_pos} negative of {n_tokens} response tokens"
+          + (f"; threshold {report['threshold']:.6g}" if cfg.mode == "global" else ""))
+    return report
