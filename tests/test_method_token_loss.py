@@ -17,6 +17,15 @@ from orchestrator.method.token_loss import (
 IGNORE = -100
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: one intra-op thread avoids OpenMP stalls on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _problem(n=37, h=16, v=53, dtype=torch.float32, bias=True, ignore_every=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g).mul(2.0).to(dtype).requires_grad_()
@@ -208,3 +217,12 @@ def test_peak_memory_is_bounded_by_chunk_not_rows():
     small = (n * h + v * h) * 4 * 4 + n * 64
     assert chunked_peak <= 4 * per_chunk + small, (chunked_peak, per_chunk, small)
     assert chunked_peak < full_logits_bytes / 4
+
+
+def test_zero_rows_gives_empty_output_and_zero_grads():
+    # A micro-batch with no target rows reaches the head as an empty selection.
+    hidden, weight, bias, targets = _problem(n=5)
+    out = chunked_token_ce(hidden[:0], weight, targets[:0], bias=bias, chunk_size=4)
+    assert out.shape == (0,) and out.dtype == torch.float32
+    out.sum().backward()
+    assert torch.all(weight.grad == 0) and torch.all(bias.grad == 0)
