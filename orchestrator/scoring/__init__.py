@@ -1,7 +1,26 @@
-"""Token scoring: the plain TokenScorer and the Ray Data stage around it (ray imported lazily)."""
+"""Token scoring: the plain TokenScorer and the Ray Data stage around it.
 
-from orchestrator.scoring.blocks import score_files
-from orchestrator.scoring.scorer import TokenScorer, plan_micro_batches
-from orchestrator.scoring.stage import run_scoring
+Names resolve lazily, so `from orchestrator.scoring.scorer import TokenScorer` (e.g. on a GPU
+box without Ray or pyarrow) does not import the stage module. Ray itself is imported only
+inside `run_scoring`.
+"""
 
-__all__ = ["TokenScorer", "plan_micro_batches", "run_scoring", "score_files"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TokenScorer": "orchestrator.scoring.scorer",
+    "plan_micro_batches": "orchestrator.scoring.scorer",
+    "run_scoring": "orchestrator.scoring.stage",
+    "score_files": "orchestrator.scoring.blocks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'orchestrator.scoring' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

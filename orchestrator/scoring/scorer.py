@@ -5,8 +5,8 @@ a profiler or a benchmark can call it directly (`TokenScorer.from_models`).
 
 What makes it fast (see /work/shared/PERFORMANCE.md):
 - Length bucketing: rows are sorted by length and grouped into micro-batches whose padded
-  size (rows x longest) stays within `token_budget`, so padding waste is a few percent
-  instead of the ~57 % of batches padded in data order.
+  size (rows x longest) stays within `token_budget` (`plan_micro_batches`), so padding
+  waste is ~10 % on 256-row calls instead of the ~50 % of batches of 6 in data order.
 - Right padding and no attention mask: with causal attention a real token never attends to
   the pads that follow it, so the mask is unnecessary and sdpa keeps its fused causal kernel
   (an explicit padding mask would push it onto a slower masked kernel).
@@ -51,22 +51,37 @@ class ScoringCounters:
         return 1.0 - self.real_tokens / self.computed_tokens if self.computed_tokens else 0.0
 
 
-def plan_micro_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
-    """Row indices per micro-batch: longest first, each padded size rows x longest <= budget.
+def plan_micro_batches(lengths: np.ndarray, token_budget: int,
+                       overhead_tokens: int | None = None) -> list[np.ndarray]:
+    """Row indices per micro-batch, each with padded size rows x longest <= token_budget.
 
-    A single row longer than the budget forms its own micro-batch (it cannot be split).
-    Deterministic: ties in length keep input order.
+    Rows are sorted longest first and cut into contiguous groups that minimise
+    `padded tokens + overhead_tokens x number of forward passes` (dynamic programming over the
+    sorted lengths, O(rows x rows-per-group)). Filling every group to the budget greedily
+    wastes ~13 % on 256 log-normal rows; the cut costs ~10 % with ~10 % more passes, and
+    far less on small calls. `overhead_tokens` (default budget / 8) prices a forward's
+    fixed cost, so the plan does not degenerate into one pass per row. A single row longer
+    than the budget forms its own micro-batch. Deterministic (ties keep input order).
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    groups: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        longest = int(lengths[order[start]])
-        rows = max(1, token_budget // max(longest, 1))
-        groups.append(order[start : start + rows])
-        start += rows
+    overhead = token_budget // 8 if overhead_tokens is None else overhead_tokens
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    sorted_len = np.maximum(lengths[order], 1)
+    n = len(order)
+    best = np.zeros(n + 1, dtype=np.float64)  # best[i]: cost of rows i.. (sorted)
+    cut = np.zeros(n + 1, dtype=np.int64)  # cut[i]: end of the group that starts at i
+    for i in range(n - 1, -1, -1):
+        rows = max(1, token_budget // int(sorted_len[i]))
+        ends = np.arange(i + 1, min(n, i + rows) + 1)
+        cost = (ends - i) * sorted_len[i] + overhead + best[ends]
+        k = int(np.argmin(cost))
+        best[i], cut[i] = cost[k], ends[k]
+    groups, i = [], 0
+    while i < n:
+        groups.append(order[i : cut[i]])
+        i = int(cut[i])
     return groups
 
 
@@ -211,12 +226,17 @@ class TokenScorer:
         input_ids = torch.from_numpy(padded).to(self.device, non_blocking=True)
         flat_t = torch.from_numpy(flat).to(self.device)
         targets_t = torch.from_numpy(np.concatenate(targets).astype(np.int64)).to(self.device)
+        per_model = {}
         for name, (decoder, weight, bias) in self.heads.items():
             hidden = _hidden_states(decoder, input_ids)
             rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_t)
             del hidden
-            ce = chunked_token_ce(rows_h, weight, targets_t, bias=bias, chunk_size=self.chunk_size)
-            ce = ce.cpu().numpy()
+            per_model[name] = chunked_token_ce(rows_h, weight, targets_t, bias=bias,
+                                               chunk_size=self.chunk_size)
+        # Copy back only after both models were queued: a device->host copy waits for the
+        # GPU, and doing it between the models would leave the GPU idle meanwhile.
+        for name, ce_t in per_model.items():
+            ce = ce_t.cpu().numpy()
             start = 0
             for r, pos in owners:
                 losses[name][r][pos] = ce[start : start + len(pos)]
