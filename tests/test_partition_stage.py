@@ -209,3 +209,41 @@ def test_distributed_path_equals_in_memory(ray_local, tmp_path, rows, mode):
     if mode == "global":
         assert dist["k_ties"] == mem["k_ties"] > 1
         assert dist["bracket_size"] < flat.size  # pass 2 gathered only the bracket bin
+
+
+# ------------------------------------------------------------ real packages, end to end
+
+
+@pytest.mark.ray
+def test_synthetic_corpus_scored_and_partitioned(ray_local, tmp_path):
+    """data -> models -> scoring (2 actors) -> partition with the real packages' outputs."""
+    from orchestrator.config import DataConfig, ModelSpec, ScoringConfig, SyntheticConfig
+    from orchestrator.data import corpus_texts, generate_synthetic, prepare_dataset
+    from orchestrator.models import load_tokenizer, materialize_base
+    from orchestrator.scoring import run_scoring
+
+    synth = generate_synthetic(SyntheticConfig(num_train=40, num_eval=4), tmp_path / "synth")
+    spec = ModelSpec(name="tiny", family="llama", tokenizer_vocab_size=400,
+                     from_config={"hidden_size": 32, "num_layers": 1, "num_heads": 4,
+                                  "num_kv_heads": 2, "intermediate_size": 64})
+    base = materialize_base(spec, corpus_texts(synth.train), tmp_path / "base", seed=0)
+    ref = materialize_base(spec, corpus_texts(synth.train), tmp_path / "ref", seed=1)
+    prepare_dataset(DataConfig(max_seq_len=96), load_tokenizer(spec, base), tmp_path / "data",
+                    rows_path=str(synth.train))
+    tokens = tmp_path / "data" / "tokens.parquet"
+    scores = run_scoring(tokens, base, ref, ScoringConfig(num_actors=2, batch_size=8),
+                         tmp_path / "scores", block_rows=16)
+    report = run_partition(tokens, scores, PartitionConfig(rho=0.7), tmp_path / "part")
+
+    src = pq.read_table(tokens).sort_by("sample_id").to_pydict()
+    out = pq.read_table(tmp_path / "part" / OUTPUT_FILE).sort_by("sample_id").to_pydict()
+    assert out["sample_id"] == src["sample_id"] and out["input_ids"] == src["input_ids"]
+    n_response = 0
+    for mask, classes in zip(src["response_mask"], out["token_class"], strict=True):
+        trained = (np.array(mask) == 1) & (np.arange(len(mask)) >= 1)
+        classes = np.array(classes)
+        assert set(np.unique(classes[trained])) <= {-1, 1} and (classes[~trained] == 0).all()
+        n_response += int(trained.sum())
+    assert report["n_tokens"] == n_response > 0
+    assert report["n_positive"] == positive_count(n_response, 0.7)
+    assert report["n_noise"] > 0 and report["auroc"] is not None  # synthetic noise is known
