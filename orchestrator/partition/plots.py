@@ -13,16 +13,13 @@ import numpy as np  # noqa: E402
 
 def plot_histogram(scores: np.ndarray, classes: np.ndarray, noise: np.ndarray | None,
                    threshold: float | None, bins: int, path: Path) -> Path:
-    panels = 2 if noise is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-    edges = np.histogram_bin_edges(scores, bins=bins) if scores.size else np.linspace(0, 1, bins + 1)
-    groups = [("positive (+1)", classes == 1), ("negative (-1)", classes == -1)]
+    panels = [("by class", [("positive (+1)", classes == 1), ("negative (-1)", classes == -1)])]
     if noise is not None:
-        groups_noise = [("clean", noise == 0), ("noise", noise != 0)]
-    for ax, (title, split) in zip(axes[0], [("by class", groups),
-                                            ("by ground-truth noise", groups_noise if noise is not None else [])],
-                                  strict=False):
-        for label, mask in split:
+        panels.append(("by ground-truth noise", [("clean", noise == 0), ("noise", noise != 0)]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    edges = np.histogram_bin_edges(scores, bins=bins) if scores.size else np.linspace(0, 1, bins + 1)
+    for ax, (title, groups) in zip(axes[0], panels, strict=True):
+        for label, mask in groups:
             ax.hist(scores[mask], bins=edges, alpha=0.6, label=f"{label} n={int(mask.sum())}")
         if threshold is not None:
             ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")

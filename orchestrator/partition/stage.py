@@ -107,7 +107,7 @@ def _classify_batch(table: pa.Table, index: list[dict], mode: str, rho: float,
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name("_" + path.name + ".tmp")  # hidden from dataset readers
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
@@ -164,7 +164,7 @@ def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # deterministic row order in the output file
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = out_path.with_name("_" + out_path.name + ".tmp")
     flat: dict[str, list[np.ndarray]] = {c: [] for c in _STATS_COLUMNS}
     n_samples = n_pos = n_resp = 0
     writer = None

@@ -1,7 +1,7 @@
 """Fixed, deterministic blocks of the corpus (the scoring stage's unit of resume).
 
 Block b holds the rows whose sample_id ranks in [b * block_rows, (b + 1) * block_rows) of the
-sorted sample_ids. The plan is recorded in `plan.json`; a directory whose part files were
+sorted sample_ids. The plan is recorded in `_plan.json`; a directory whose part files were
 written under another plan (other rows, other block size) has them removed, never mixed.
 """
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-PLAN_FILE = "plan.json"
+# Leading "_": pyarrow.dataset and Ray skip it when the folder is read as a Parquet dataset.
+PLAN_FILE = "_plan.json"
 
 
 def part_path(out_dir: Path, block: int) -> Path:

@@ -88,7 +88,8 @@ def _keep_blocks(table: pa.Table, starts: np.ndarray, wanted: np.ndarray) -> pa.
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # "_" prefix: a half-written file is invisible to readers of the folder as a dataset.
+    tmp = path.with_name("_" + path.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
