@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_support import make_base, make_corpus, make_job, tiny_spec
+from test_training_support import make_base, make_corpus, make_job, mean_ce_by_class, tiny_spec
 
 from orchestrator.method.objective import forgetting_objective
 from orchestrator.models import load_model
@@ -137,3 +137,19 @@ def test_local_resume_matches_an_uninterrupted_run(assets):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert run_training_local(failing).cached  # _SUCCESS.json short-circuits a rerun
+
+
+def test_forget_raises_negative_ce_over_sft_after_the_same_steps(assets):
+    tmp, base, data = assets
+    kw = {"epochs": 6.0, "micro_batch_size": 4, "grad_accum_steps": 2, "lr": 1e-2,
+          "lambda": {"t_max": 0.5}}
+    sft = run_training_local(make_job(tmp, base, data, method="sft", name="cmp-sft", **kw))
+    forget = run_training_local(make_job(tmp, base, data, method="forget", name="cmp-forget", **kw))
+    assert sft.steps == forget.steps == 24  # 32 rows: 8 micro-batches, 4 steps an epoch
+    before = mean_ce_by_class(base, data)
+    ce_sft, ce_forget = mean_ce_by_class(sft.export_dir, data), mean_ce_by_class(
+        forget.export_dir, data)
+    assert ce_sft[1] < before[1] - 1.0 and ce_forget[1] < before[1] - 1.0  # both learned
+    assert ce_forget[-1] > ce_sft[-1] + 1.0, (ce_forget, ce_sft)  # negatives pushed up
+    assert abs(ce_forget[1] - ce_sft[1]) < 0.25 * ce_sft[1], (ce_forget, ce_sft)
+    assert forget.metrics["neg_loss"] > forget.metrics["pos_loss"] and forget.metrics["lambda"] > 0

@@ -109,7 +109,7 @@ class DeepSpeedEngine:
         self.stage = zero_stage(ds_cfg)
         if self.stage == 3:
             # The head weight is read inside TokenLossModel.forward, not via lm_head.forward.
-            from deepspeed.zero import register_external_parameter
+            from deepspeed.runtime.zero import register_external_parameter
 
             register_external_parameter(loss_model, loss_model.head_weight())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

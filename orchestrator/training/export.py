@@ -10,6 +10,7 @@ DeepSpeed hooks, partition stubs or peft wrappers in the exported folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,19 @@ def save_hf_folder(state: dict[str, torch.Tensor], *, base_path: str, spec: Mode
     return out_dir
 
 
+def _finite_or_none(obj: Any) -> Any:
+    """Strict JSON has no NaN: a metric with nothing to average (e.g. neg_loss under sft)
+    is written as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, body: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, default=str))
+    tmp.write_text(json.dumps(_finite_or_none(body), indent=2, default=str, allow_nan=False))
     os.replace(tmp, path)
