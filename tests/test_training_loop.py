@@ -14,7 +14,7 @@ from test_training_support import make_base, make_corpus, make_job, mean_ce_by_c
 
 from orchestrator.method.objective import forgetting_objective
 from orchestrator.models import load_model
-from orchestrator.training import NonFiniteLossError, run_training_local
+from orchestrator.training import MlflowTarget, NonFiniteLossError, SubsetSpec, run_training_local
 from orchestrator.training.collate import collate
 from orchestrator.training.loss import Normalizer, TokenLossModel, objective_for_batch, step_counts
 
@@ -153,3 +153,48 @@ def test_forget_raises_negative_ce_over_sft_after_the_same_steps(assets):
     assert ce_forget[-1] > ce_sft[-1] + 1.0, (ce_forget, ce_sft)  # negatives pushed up
     assert abs(ce_forget[1] - ce_sft[1]) < 0.25 * ce_sft[1], (ce_forget, ce_sft)
     assert forget.metrics["neg_loss"] > forget.metrics["pos_loss"] and forget.metrics["lambda"] > 0
+
+
+def test_subset_validation_and_mlflow_curves(assets):
+    from mlflow.tracking import MlflowClient
+
+    tmp, base, data = assets
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("lethe-test", artifact_location=str(tmp / "artifacts"))
+    parent = client.create_run(exp, run_name="parent").info.run_id
+    job = make_job(tmp, base, data, method="forget", name="tracked", eval_every=2)
+    job.subset = SubsetSpec(size=16, seed=0)
+    job.validation_path = str(make_corpus(tmp / "valid.parquet", n=8, seed=5, noise=0.0))
+    job.mlflow = MlflowTarget(tracking_uri=uri, experiment="lethe-test", parent_run_id=parent,
+                              run_name="tiny-forget", tags={"method": "forget"})
+    result = run_training_local(job)
+    assert result.steps == 2  # 16 of 32 rows, micro-batches of 8
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert [r.info.run_name for r in runs] == ["tiny-forget"]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == "forget"
+    assert run.data.params["train.micro_batch_size"] == "8"
+    val = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in val] == [2] and val[0].value == pytest.approx(result.metrics["val_loss"])
+    assert {"pos_loss", "neg_loss", "lambda", "lr", "tokens_per_s", "grad_norm",
+            "step_time_s"} <= set(run.data.metrics)
+
+
+def test_deepspeed_zero2_step_matches_plain_torch(assets):
+    """DeepSpeed divides each micro-batch loss by gas and clips like the plain path: with the
+    same data, both engines land on the same weights (world size 1, fp32)."""
+    tmp, base, data = assets
+    kw = {"method": "forget", "max_steps": 3, "micro_batch_size": 4, "grad_accum_steps": 2,
+          "max_grad_norm": 0.5, "lambda": {"t_max": 0.5}}
+    plain = run_training_local(make_job(tmp, base, data, name="eq-plain", **kw))
+    ds = run_training_local(make_job(tmp, base, data, name="eq-ds",
+                                     deepspeed="configs/deepspeed/zero2.json", **kw))
+    assert (plain.metrics["engine"], ds.metrics["engine"]) == ("ddp", "deepspeed")
+    a = load_file(str(Path(plain.export_dir) / "model.safetensors"))
+    b = load_file(str(Path(ds.export_dir) / "model.safetensors"))
+    original = load_file(str(Path(base) / "model.safetensors"))
+    assert not torch.equal(a["model.norm.weight"], original["model.norm.weight"])
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert ds.metrics["grad_norm"] == pytest.approx(plain.metrics["grad_norm"], rel=1e-3)

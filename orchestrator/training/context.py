@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 import torch.distributed as dist
 
 from orchestrator.training.data import TokenRows, read_table, rows_from_table, shard_for_rank
@@ -42,6 +43,12 @@ class LocalContext:
         self.run_dir = Path(config["storage_path"]) / config["run_name"]
         self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics_log: list[dict[str, Any]] = []
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu and torch.cuda.is_available():
+            torch.cuda.set_device(0)
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
 
     def init_process_group(self, backend: str) -> None:
         if dist.is_initialized():
@@ -91,6 +98,17 @@ class RayContext:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
         self.config = config
+
+    def device(self, use_gpu: bool) -> torch.device:
+        # Ray Train may narrow CUDA_VISIBLE_DEVICES per worker, so the local rank is not
+        # necessarily the CUDA index; Ray knows which device this worker owns.
+        if use_gpu and torch.cuda.is_available():
+            from ray.train.torch import get_device
+
+            dev = get_device()
+            torch.cuda.set_device(dev)
+            return dev
+        return torch.device("cpu")
 
     def init_process_group(self, backend: str) -> None:
         if not dist.is_initialized():

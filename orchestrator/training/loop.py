@@ -72,13 +72,6 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _device(train: TrainConfig, local_rank: int) -> torch.device:
-    if train.use_gpu and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def build_engine(config: dict[str, Any], spec: ModelSpec, train: TrainConfig, plan: StepPlan,
                  world: int, device: torch.device) -> DeepSpeedEngine | DDPEngine:
     dtype = resolve_dtype(train.dtype, str(device))
@@ -165,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ctx = make_context(config)
     spec = ModelSpec.model_validate(config["model"])
     train = TrainConfig.model_validate(config["train"])
-    device = _device(train, ctx.local_rank)
+    device = ctx.device(train.use_gpu)
     ctx.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(config, ctx, spec, train, device)
@@ -202,6 +195,12 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
                             params={"method": method, **_flat("train", config["train"])},
                             resume_run_id=state.mlflow_run_id)
     state.mlflow_run_id = curves.run_id
+
+    # Every report carries val_loss when a validation set exists (Tune's strict metric check
+    # rejects a result without it): fresh at eval steps, the latest value otherwise.
+    val_loss, val_step = None, state.step
+    if val_rows is not None:
+        val_loss = validate(engine, val_rows, micro, pad_id, device)
 
     lam_cfg = train.lambda_
     log_every = _log_every(total)
@@ -276,8 +275,12 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
             "skipped_micro_batches": state.skipped_micro_batches,
         }
         if eval_now:
-            metrics["val_loss"] = validate(engine, val_rows, micro, pad_id, device)
-        curves.log({k: v for k, v in metrics.items() if v is not None and k != "total_steps"},
+            val_loss, val_step = validate(engine, val_rows, micro, pad_id, device), state.step
+        if val_rows is not None:
+            metrics.update(val_loss=val_loss, val_loss_step=val_step)
+        stale = set() if eval_now else {"val_loss"}  # MLflow gets each val_loss once
+        curves.log({k: v for k, v in metrics.items()
+                    if v is not None and k not in stale | {"total_steps", "val_loss_step"}},
                    step=state.step)
         if ckpt_now:
             with tempfile.TemporaryDirectory(prefix="lethe-ckpt-") as tmp:
