@@ -147,6 +147,33 @@ def validate(engine, rows: TokenRows | None, micro: int, pad_id: int,
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
+class MicroBatchStream:
+    """The micro-batches of optimizer step s: stream items [s*gas, (s+1)*gas) of the plan.
+
+    A step's position follows from s alone, so a resumed run skips exactly the consumed
+    micro-batches of its epoch. Each epoch's order is computed once, not per step.
+    """
+
+    def __init__(self, rows: TokenRows, plan: StepPlan, seed: int, pad_id: int) -> None:
+        self.rows, self.plan, self.seed, self.pad_id = rows, plan, seed, pad_id
+        self._epoch, self._order = -1, np.zeros(0, dtype=np.int64)
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.plan.epoch_order(epoch, self.seed)
+        return self._order
+
+    def for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        gas = self.plan.grad_accum
+        out = []
+        for k in range(step * gas, (step + 1) * gas):
+            epoch, position = self.plan.locate(k)
+            pairs = [self.rows.row(i)
+                     for i in self.plan.micro_batch_rows(self._order_of(epoch), position)]
+            out.append(collate([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id))
+        return out
+
+
 def _log_every(total: int) -> int:
     return max(1, total // 50)
 
@@ -208,17 +235,10 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
     acc = torch.zeros(5, dtype=torch.float64)
     interval_start, interval_steps, last_norm, lam = time.perf_counter(), 0, None, 0.0
     metrics: dict[str, Any] = {}
+    stream = MicroBatchStream(rows, plan, train.seed, pad_id)
     while state.step < total:
         step = state.step
-        epoch = plan.locate(step * gas)[0]
-        order = plan.epoch_order(epoch, train.seed)
-        batches = []
-        for k in range(step * gas, (step + 1) * gas):
-            epoch_k, pos_k = plan.locate(k)
-            if epoch_k != epoch:
-                epoch, order = epoch_k, plan.epoch_order(epoch_k, train.seed)
-            pairs = [rows.row(i) for i in plan.micro_batch_rows(order, pos_k)]
-            batches.append(collate([p[0] for p in pairs], [p[1] for p in pairs], pad_id))
+        batches = stream.for_step(step)
         counts = _all_reduce(step_counts(batches))
         norm = Normalizer(train.normalization, world, gas, float(counts[0]), float(counts[1]))
         lam = (lambda_at(step, total, lam_cfg.schedule, lam_cfg.t_max, lam_cfg.t_min)
@@ -294,6 +314,8 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
         acc.zero_()
         interval_start, interval_steps = time.perf_counter(), 0
 
+    if not metrics and val_loss is not None:  # resumed at the last step: nothing trained
+        metrics = {"val_loss": val_loss, "val_loss_step": val_step}
     metrics["resumed_from_step"] = resumed_from
     final = _finish(config, engine, spec, train, device, state, metrics, rank)
     curves.finish()

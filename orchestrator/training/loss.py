@@ -41,6 +41,11 @@ class TokenLossModel(nn.Module):
         decoder, weight, bias = decoder_and_head(self.model)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                          use_cache=False).last_hidden_state
+        if hidden.dtype != weight.dtype and torch.is_autocast_enabled(hidden.device.type):
+            # What autocast does for an nn.Linear head: a low-precision copy of the weight
+            # (differentiable), so the largest matmul does not fall back to fp32.
+            weight = weight.to(hidden.dtype)
+            bias = bias.to(hidden.dtype) if bias is not None else None
         rows = labels != IGNORE_INDEX
         ce = chunked_token_ce(hidden[rows], weight, labels[rows], bias=bias,
                               chunk_size=self.chunk_size, ignore_index=IGNORE_INDEX)
