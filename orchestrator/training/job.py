@@ -27,6 +27,9 @@ class MlflowTarget:
     parent_run_id: str | None = None
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # An existing run created by the driver (the pipeline's (model, method, seed) run): the
+    # curves go there, beside the evaluation metrics, instead of a new nested run.
+    run_id: str | None = None
 
 
 @dataclass

@@ -25,6 +25,11 @@ class TrainingCurves:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
             return
+        if target.get("run_id"):  # log into the driver's run, params included
+            self.run_id = target["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            self._log_params(params)
+            return
         exp = self.client.get_experiment_by_name(target["experiment"])
         exp_id = exp.experiment_id if exp else self.client.create_experiment(target["experiment"])
         tags = {"lethe.stage": "train", **(target.get("tags") or {})}
@@ -32,6 +37,9 @@ class TrainingCurves:
             tags["mlflow.parentRunId"] = target["parent_run_id"]
         run = self.client.create_run(exp_id, run_name=target.get("run_name") or run_name, tags=tags)
         self.run_id = run.info.run_id
+        self._log_params(params)
+
+    def _log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
