@@ -119,8 +119,8 @@ def test_pipeline_through_ray_job_submit(ray_head, tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/runs/job-test/mlflow.db"
-    runs = mlflow.search_runs(experiment_names=["job-test"], tracking_uri=uri,
-                              output_format="pandas")
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["job-test"], output_format="pandas")
     forget = runs[runs["tags.method"] == "forget"]
     assert len(forget) == 1
     assert 0.0 <= forget.iloc[0]["metrics.eval/lethe_synth_mc/acc"] <= 1.0

@@ -51,8 +51,9 @@ def test_full_run_evaluates_every_model_and_tracks_it(first_run, config_path):
 
     cfg = load_config(config_path)
     uri = f"sqlite:///{cfg.run_dir}/{cfg.name}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[cfg.name], output_format="pandas",
-                              filter_string="tags.method = 'forget'", tracking_uri=uri)
+                              filter_string="tags.method = 'forget'")
     assert len(runs) == 1
     row = runs.iloc[0]
     assert row["tags.family"] == "llama" and row["tags.rho"] == "0.7"
