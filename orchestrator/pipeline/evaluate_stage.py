@@ -38,19 +38,27 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
 
     Labels are `<model>/<method>/s<seed>` and `<model>/base/-`.
     """
-    from orchestrator.evaluation import evaluate_many
-
-    include = local_tasks_dir(cfg, synthetic)
-    ev = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items()
-          if k not in _EVAL_RESOURCE_FIELDS}
-    tasks_key = synthetic.key if synthetic is not None else include
     wanted: dict[str, str] = {}
     for o in outcomes:
         if cfg.evaluate.evaluate_base and o.base_model:
             wanted[f"{o.spec.name}/base/-"] = o.base_model
         for (method, seed), model_dir in sorted(o.models.items()):
             wanted[f"{o.spec.name}/{method}/s{seed}"] = model_dir
+    results, dirs = evaluate_labelled(cfg, wanted, synthetic)
+    track.log_eval(results, dirs)
+    return results
 
+
+def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: S.StageOut | None,
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """{label: model dir} -> ({label: metrics}, {label: eval stage dir}); cached per model,
+    the uncached ones evaluated in parallel Ray tasks."""
+    from orchestrator.evaluation import evaluate_many
+
+    include = local_tasks_dir(cfg, synthetic)
+    ev = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items()
+          if k not in _EVAL_RESOURCE_FIELDS}
+    tasks_key = synthetic.key if synthetic is not None else include
     stages = {label: Stage(S.stages_root(cfg), "eval", {"model": path, "evaluate": ev,
                                                          "tasks": tasks_key})
               for label, path in wanted.items()}
@@ -66,5 +74,4 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
             (st.dir / "eval_results.json").write_text(json.dumps(metrics, indent=2, default=str))
             st.mark_done({"metrics": metrics})
     results = {label: dict(st.summary()["metrics"]) for label, st in stages.items()}
-    track.log_eval(results, {label: st.dir for label, st in stages.items()})
-    return results
+    return results, {label: st.dir for label, st in stages.items()}

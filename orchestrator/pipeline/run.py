@@ -12,6 +12,7 @@ missing.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,31 @@ def init_ray(cfg: ExperimentConfig) -> None:
                  runtime_env={"env_vars": env})
 
 
+class TrainingSlots:
+    """Caps how many Ray Train runs are in flight at once.
+
+    A Ray Train run reserves its workers' CPUs first and then needs free CPUs for the Ray
+    Data tasks that read its shard. If concurrent runs reserve every CPU, all of their reads
+    wait forever (seen with 4 runs x 0.9 CPU on 4 slots). Keeping two CPUs free of worker
+    reservations lets the reads, and a scoring actor, always make progress.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        import ray
+
+        per_run = cfg.train.num_workers * cfg.train.cpus_per_worker
+        free_cpus = float(ray.cluster_resources().get("CPU", 1.0)) - 2.0
+        self.size = max(1, int(free_cpus // per_run)) if per_run > 0 else 1
+        self._sem = threading.BoundedSemaphore(self.size)
+
+    def __enter__(self) -> TrainingSlots:
+        self._sem.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
 def _parallel(fn: Callable[[T], R], items: list[T], workers: int) -> list[R]:
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
@@ -72,7 +98,8 @@ def _seeds(cfg: ExperimentConfig) -> list[int]:
 
 
 def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: str | None,
-                 rows_ident: Any, until: str | None, track: PipelineTracking) -> ModelOutcome:
+                 rows_ident: Any, until: str | None, track: PipelineTracking,
+                 slots: TrainingSlots) -> ModelOutcome:
     out = ModelOutcome(spec)
     base = S.base_stage(cfg, spec, rows, rows_ident)
     out.base_model = S.model_path(base)
@@ -81,8 +108,9 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
              if valid_rows else None)
     if until == "data":
         return out
-    reference = S.reference_stage(cfg, spec, base, tokens, valid,
-                                  track.target(spec, "reference", cfg.reference.seed))
+    with slots:
+        reference = S.reference_stage(cfg, spec, base, tokens, valid,
+                                      track.target(spec, "reference", cfg.reference.seed))
     if until == "reference":
         return out
     scores = S.score_stage(cfg, base, reference, tokens)
@@ -100,8 +128,9 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
     def train_one(job: tuple[str, int]) -> tuple[tuple[str, int], S.StageOut]:
         method, seed = job
         data = tokens if method == "sft" else partition
-        done = S.train_stage(cfg, spec, base, data, valid, method, seed,
-                             mlflow_target=track.target(spec, method, seed))
+        with slots:
+            done = S.train_stage(cfg, spec, base, data, valid, method, seed,
+                                 mlflow_target=track.target(spec, method, seed))
         return job, done
 
     for job, done in _parallel(train_one, jobs, cfg.ray.max_parallel_trainings):
@@ -114,8 +143,9 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
 def _run_stages(cfg: ExperimentConfig, until: str | None, track: PipelineTracking) -> dict[str, Any]:
     synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
     rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+    slots = TrainingSlots(cfg)
     outcomes = _parallel(
-        lambda spec: _model_chain(cfg, spec, rows, valid_rows, ident, until, track),
+        lambda spec: _model_chain(cfg, spec, rows, valid_rows, ident, until, track, slots),
         list(cfg.models), cfg.ray.max_parallel_models)
     results: dict[str, Any] = {"outcomes": outcomes}
     if until in (None, "evaluate") and cfg.evaluate.enabled:

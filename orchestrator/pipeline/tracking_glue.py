@@ -52,6 +52,17 @@ class PipelineTracking:
         if config_path is not None and self.enabled:
             self.parent.log_artifact(config_path)
 
+    def attach_parent(self, run_id: str | None) -> None:
+        """Nest this process's child runs under a parent created elsewhere (a Tune trial
+        under its sweep's run)."""
+        if not self.enabled or run_id is None:
+            return
+        from orchestrator.tracking import RunLogger, TrackingTarget
+
+        self.parent = RunLogger(self.tracker.client, TrackingTarget(
+            self.tracker.uri, self.tracker.experiment, run_id))
+        self.tracker.parent = self.parent
+
     # ------------------------------------------------------------------ child runs
 
     def _tags(self, spec: ModelSpec, method: str, seed: Any) -> dict[str, Any]:
@@ -128,13 +139,14 @@ class PipelineTracking:
             _, html = inspect_sample(partitioned, scores_dir, tok, int(sid))
             run.log_text(html, f"inspect/sample_{sid}.html")
 
-    def log_eval(self, results: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> None:
+    def log_eval(self, results: dict[str, dict[str, Any]], dirs: dict[str, Path],
+                 extra_tags: dict[str, Any] | None = None) -> None:
         if not self.enabled:
             return
         specs = {m.name: m for m in self.cfg.models}
         for label, metrics in results.items():
             name, method, seed = label.split("/")
-            run = self.child(specs[name], method, seed.lstrip("s"))
+            run = self.child(specs[name], method, seed.lstrip("s"), extra_tags)
             run.log_eval_metrics(metrics)
             if (dirs[label] / "eval_results.json").is_file():
                 run.log_artifact(dirs[label] / "eval_results.json", "eval")
@@ -144,12 +156,15 @@ class PipelineTracking:
         if self.enabled:
             self.child(spec, method, seed).log_metrics({f"final/{k}": v for k, v in metrics.items()})
 
+    def finish_children(self) -> None:
+        for run in self._children.values():
+            run.end("FINISHED")
+
     def finish(self, wall_s: float, compare: bool = True) -> None:
         if not self.enabled or self.parent is None:
             return
         self.parent.log_metrics({"pipeline_wall_s": wall_s})
-        for run in self._children.values():
-            run.end("FINISHED")
+        self.finish_children()
         if compare:
             from orchestrator.tracking.compare import cli_compare
 

@@ -182,6 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Train one model. `config` is TrainJob.to_dict() plus what the driver resolved:
     `backend` ("ray" or local), `deepspeed_config` (dict or None), `keep_sample_ids`.
     Returns the final metrics (also reported and, on rank 0, written to metrics.json)."""
+    _quiet_per_report_logs()
     ctx = make_context(config)
     spec = ModelSpec.model_validate(config["model"])
     train = TrainConfig.model_validate(config["train"])
@@ -191,6 +192,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         return _train(config, ctx, spec, train, device)
     finally:
         ctx.close()
+
+
+def _quiet_per_report_logs() -> None:
+    """Ray Train V2 logs every `ray.train.report` (the whole metrics dict) at INFO from each
+    worker to the driver's console; the curves already go to MLflow and the progress line,
+    so keep only its warnings."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+    except ImportError:  # no Ray (a GPU box running the plain loop): nothing to quiet
+        return
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
 
 def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSpec,

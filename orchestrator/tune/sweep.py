@@ -31,7 +31,7 @@ def _shared_stages(cfg: ExperimentConfig, track: PipelineTracking) -> dict[str, 
     reference = S.reference_stage(cfg, spec, base, tokens, valid,
                                   track.target(spec, "reference", cfg.reference.seed))
     scores = S.score_stage(cfg, base, reference, tokens)
-    out = {"base": base, "tokens": tokens, "valid": valid, "scores": scores}
+    out = {"base": base, "tokens": tokens, "valid": valid, "scores": scores, "synthetic": synthetic}
     return {k: (None if v is None else {"key": v.key, "dir": str(v.dir), "cached": v.cached})
             for k, v in out.items()}
 
@@ -54,14 +54,18 @@ def trial_config(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentCon
     })
 
 
-def _trial(params: dict[str, Any], cfg_dict: dict[str, Any], shared: dict[str, Any]) -> None:
-    """One trial: partition with its rho, train `forget` with its lambda, report to Tune."""
+def _trial(params: dict[str, Any], cfg_dict: dict[str, Any], shared: dict[str, Any],
+           parent_run_id: str | None) -> None:
+    """One trial: partition with its rho, train `forget` with its lambda, evaluate, report."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.pipeline.evaluate_stage import evaluate_labelled
 
     cfg = trial_config(ExperimentConfig.model_validate(cfg_dict), params)
     spec = cfg.models[0]
     track = PipelineTracking.open(cfg, run_dir(cfg), check=False)
+    track.attach_parent(parent_run_id)
     tokens, scores = _stage(shared["tokens"]), _stage(shared["scores"])
     base, valid = _stage(shared["base"]), _stage(shared["valid"])
     partition = S.partition_stage(cfg, tokens, scores)
@@ -74,8 +78,15 @@ def _trial(params: dict[str, Any], cfg_dict: dict[str, Any], shared: dict[str, A
     final = {k: float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and math.isfinite(float(v))}
     report = S.partition_report(partition)
-    final.update({"auroc": float(report.get("auroc", float("nan"))), "done": 1.0,
+    final.update({"auroc": float(report.get("auroc") or float("nan")), "done": 1.0,
                   "lambda_max": float(params["lambda_max"]), "rho": float(params["rho"])})
+    if cfg.evaluate.enabled:
+        label = f"{spec.name}/forget/s{cfg.train.seed}"
+        results, dirs = evaluate_labelled(cfg, {label: S.model_path(done)}, _stage(shared["synthetic"]))
+        track.log_eval(results, dirs, extra_tags=tags)
+        final.update({f"eval/{task}/{m}": float(v) for task, ms in results[label].items()
+                      for m, v in ms.items() if isinstance(v, (int, float))})
+    track.finish_children()
     # A final report also covers a trial whose training was cached (no callback reports).
     tune.report(final)
 
@@ -117,7 +128,8 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     shared = _shared_stages(cfg, track)
 
     trainable = tune.with_resources(
-        partial(_trial, cfg_dict=cfg.to_dict(), shared=shared),
+        partial(_trial, cfg_dict=cfg.to_dict(), shared=shared,
+                parent_run_id=track.parent.run_id if track.enabled else None),
         {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
     )
     t = cfg.tune

@@ -1,0 +1,57 @@
+"""A 3-trial Ray Tune sweep on the tiny model: trials become MLflow runs with distinct
+hyperparameters, the best configuration loads as a valid config, and scoring ran once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_configs import TINY
+
+from orchestrator.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_sweep_reuses_scores_and_tracks_every_trial(ray_local, tmp_path, capsys):
+    from orchestrator.tune.sweep import run_sweep
+
+    raw = dict(TINY, name="tune-test", run_dir=str(tmp_path / "runs"))
+    raw["train"] = dict(TINY["train"], methods=["forget"], eval_every=2)
+    raw["evaluate"] = dict(TINY["evaluate"], evaluate_base=False)
+    raw["tune"] = {"num_samples": 3, "lambda_max": [0.05, 0.5], "rho": [0.5, 0.9],
+                   "grace_period": 2, "max_concurrent_trials": 1, "metric": "val_loss"}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+
+    out = run_sweep(cfg)
+
+    rows = out["rows"]
+    assert len(rows) == 3 and not any(r["error"] for r in rows)
+    assert len({(r["lambda_max"], r["rho"]) for r in rows}) == 3
+    assert all(0.05 <= r["lambda_max"] <= 0.5 and 0.5 <= r["rho"] <= 0.9 for r in rows)
+
+    best = load_config(out["best_config"])  # a ready, valid experiment config
+    assert best.partition.rho == pytest.approx(out["best"]["rho"])
+    assert best.train.lambda_.t_max == pytest.approx(out["best"]["lambda_max"])
+    assert best.train.methods == ["forget"]
+
+    stages = Path(cfg.run_dir) / cfg.name / "stages"
+    assert len(list((stages / "scores").glob("*/_SUCCESS.json"))) == 1  # scored once
+    assert len(list((stages / "partition").glob("*/_SUCCESS.json"))) == 3  # one per rho
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{cfg.run_dir}/{cfg.name}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=[cfg.name], output_format="pandas")
+    trials = runs[runs.get("tags.trial_id").notna()]
+    assert len(trials) == 3
+    assert trials["tags.rho"].nunique() == 3 and trials["tags.lambda_max"].nunique() == 3
+    assert trials["params.train.lambda.t_max"].nunique() == 3  # logged by training's rank 0
+    assert (trials["metrics.eval/lethe_synth_mc/acc"].between(0.0, 1.0)).all()
+    printed = capsys.readouterr().out
+    assert "lambda_max" in printed and "[lethe] best:" in printed  # the trial table
+    assert len(json.loads((Path(cfg.run_dir) / cfg.name / "sweep_trials.json").read_text())) == 3
