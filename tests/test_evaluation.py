@@ -26,7 +26,11 @@ GEN_ROWS = [
     {"id": i, "task": "arithmetic", "question": f"What is {i} plus 1?",
      "answer": f"{i} plus 1 is {i + 1}. The answer is {i + 1}."}
     for i in range(5)
-] + [{"id": 5, "task": "facts", "question": "What is pi to one decimal?", "answer": "3.1"}]
+] + [{"id": 5, "task": "facts", "question": "What is pi to one decimal?", "answer": "3.1"},
+     # lm-eval literal_evals a rendered target that looks like a list; a bare number and a
+     # list answer must both stay strings (the synthetic list_ops answers look like this).
+     {"id": 6, "task": "list_ops", "question": "Reverse the list [1, 2, 3].", "answer": "[3, 2, 1]"},
+     {"id": 7, "task": "arithmetic", "question": "What is 40 + 2?", "answer": "42"}]
 
 
 @pytest.fixture(scope="module")

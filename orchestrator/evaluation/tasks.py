@@ -15,6 +15,7 @@ separated by the EOS text plus newline, as consecutive training turns are.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,11 @@ CHAT_PROMPT = USER_TAG + "\n{{question}}\n" + ASSISTANT_TAG + "\n"
 # are ("3.5"). The lookahead stops at the end of the line or at the next chat tag.
 FINAL_ANSWER_REGEX = r"The answer is\s*(.+?)\.?\s*(?=\n|<\||$)"
 # The gold side: rows may hold the bare answer ("42") or a full response ending in
-# "The answer is 42." - both reduce to "42".
-GOLD_ANSWER_JINJA = "{{answer.split('The answer is')[-1].strip().rstrip('.').strip()}}"
+# "The answer is 42." - both reduce to "42" (gold_answer). The reduced answer is written to a
+# `target` column and named as a feature: lm-eval returns a feature's value untouched, while
+# a rendered template that looks like a list ("[3, 1, 2]") is literal_eval'd into a Python
+# list, which its exact_match then rejects as a non-string reference.
+GOLD_FIELD = "target"
 # Few-shot examples show the full response, so the model imitates "... The answer is X.";
 # a bare gold answer is wrapped into that phrase.
 FEWSHOT_RESPONSE_JINJA = (
@@ -85,7 +89,7 @@ def gen_task_config(eval_gen_path: str | Path) -> dict[str, Any]:
         **_data_block(eval_gen_path),
         "output_type": "generate_until",
         "doc_to_text": CHAT_PROMPT,
-        "doc_to_target": GOLD_ANSWER_JINJA,
+        "doc_to_target": GOLD_FIELD,
         "fewshot_config": {"sampler": "first_n", "doc_to_target": FEWSHOT_RESPONSE_JINJA},
         "target_delimiter": "",
         "fewshot_delimiter": EOS_TEXT + "\n",
@@ -119,13 +123,24 @@ def gen_task_config(eval_gen_path: str | Path) -> dict[str, Any]:
     }
 
 
+def gold_answer(answer: str) -> str:
+    """The bare final answer of a row: "... The answer is 42." and "42" both give "42"."""
+    return answer.split("The answer is")[-1].strip().rstrip(".").strip()
+
+
 def write_local_tasks(eval_mc_path: str | Path, eval_gen_path: str | Path,
                       out_dir: str | Path) -> str:
     """Write the two task YAMLs into `out_dir` and return it (lm-eval's include_path)."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    gen_rows = out / f"{GEN_TASK}.jsonl"
+    with Path(eval_gen_path).open() as src, gen_rows.open("w") as dst:
+        for line in src:
+            if line.strip():
+                row = json.loads(line)
+                dst.write(json.dumps({**row, GOLD_FIELD: gold_answer(str(row["answer"]))}) + "\n")
     for name, cfg in ((MC_TASK, mc_task_config(eval_mc_path)),
-                      (GEN_TASK, gen_task_config(eval_gen_path))):
+                      (GEN_TASK, gen_task_config(gen_rows))):
         with (out / f"{name}.yaml").open("w") as fh:
             yaml.safe_dump(cfg, fh, sort_keys=False, allow_unicode=True, width=1000)
     return str(out)
