@@ -3,7 +3,8 @@
 One optimizer step = `grad_accum` micro-batches on every rank. Before a step's first
 micro-batch the step's class counts are all-reduced (global normalisation), so nothing per
 step depends on the corpus size. Every rank reports to the context equally often (Ray
-Train's report is a barrier): at logging, evaluation and checkpoint steps and at the end.
+Train's report is a barrier): at evaluation and checkpoint steps, every tenth of the run, and
+at the end; MLflow curves (rank 0) are logged at finer log steps.
 """
 
 from __future__ import annotations
@@ -178,6 +179,15 @@ def _log_every(total: int) -> int:
     return max(1, total // 50)
 
 
+def _report_every(total: int) -> int:
+    # A `ray.train.report` waits until the controller takes the previous one, and the
+    # controller polls about every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a
+    # report per log step capped a 75-step tiny run at ~0.5 steps/s. MLflow curves keep the
+    # log-step resolution (rank 0 logs them directly); Ray gets ~10 progress reports plus
+    # every evaluation and checkpoint step.
+    return max(1, total // 10)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Train one model. `config` is TrainJob.to_dict() plus what the driver resolved:
     `backend` ("ray" or local), `deepspeed_config` (dict or None), `keep_sample_ids`.
@@ -244,7 +254,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
         val_loss = validate(engine, val_rows, micro, pad_id, device)
 
     lam_cfg = train.lambda_
-    log_every = _log_every(total)
+    log_every, report_every = _log_every(total), _report_every(total)
     # Running sums since the last report: pos CE, n_pos, neg CE, n_neg, tokens.
     acc = torch.zeros(5, dtype=torch.float64)
     interval_start, interval_steps, last_norm, lam = time.perf_counter(), 0, None, 0.0
@@ -323,7 +333,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
                     write_json_atomic(Path(tmp) / STATE_FILE, asdict(state))
                 ctx.report(metrics, Path(tmp), state.step)
             _maybe_inject_failure(config, state.step, rank)
-        else:
+        elif done or eval_now or state.step % report_every == 0:
             ctx.report(metrics, None, state.step)
         acc.zero_()
         interval_start, interval_steps = time.perf_counter(), 0
