@@ -290,6 +290,20 @@ def test_same_seed_same_weights_and_rng_untouched():
     assert torch.equal(before, after)  # build_model does not consume the caller's RNG
 
 
+def test_concurrent_builds_match_sequential_ones():
+    """The pipeline builds several families from threads at once: the seeded init must not
+    depend on how the threads interleave (the RNG being forked is process-wide)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = [tiny_spec(f, hidden_size=64) for f in ("llama", "qwen2", "gpt_neo")] * 2
+    alone = [build_model(s, 500, seed=i).state_dict() for i, s in enumerate(specs)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(lambda a: build_model(a[1], 500, seed=a[0]).state_dict(),
+                                 enumerate(specs)))
+    for a, b in zip(alone, together, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("vocab_size", [280, 700])
 def test_other_vocab_sizes(vocab_size):
     tok = train_tokenizer(make_corpus(400, seed=vocab_size), vocab_size=vocab_size)

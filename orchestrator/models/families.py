@@ -8,6 +8,7 @@ no number is assumed.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -178,6 +179,9 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase | None) -> dict[str, in
     }
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def build_model(
     spec: ModelSpec,
     vocab_size: int,
@@ -192,7 +196,9 @@ def build_model(
     tokenizer's bos/eos/pad ids; without a tokenizer, those of `train_tokenizer`'s layout.
     """
     config = tiny_config(spec, vocab_size, special_token_ids(tokenizer))
-    with torch.random.fork_rng(devices=[]):
+    # The RNG fork is of the process-wide generator: the pipeline builds several families
+    # from threads at once, and interleaved draws would make the weights depend on timing.
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(
             config,
