@@ -8,6 +8,7 @@ session's own local Ray instance.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -103,7 +104,7 @@ def test_pipeline_through_ray_job_submit(ray_head, tmp_path):
          "--", "python", "-m", "jobs.pipeline", "--config", str(cfg_path)],
         env=_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group(0)  # output has ANSI codes
 
     client = JobSubmissionClient(ray_head)
     deadline = time.time() + 600

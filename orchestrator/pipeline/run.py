@@ -59,7 +59,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
     elif os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})  # inside `ray job submit`: join that cluster
+        # Inside `ray job submit`: the job's runtime env (cluster/runtime_env*.yaml) is the
+        # one source of env vars; Ray refuses a driver env that repeats its keys.
+        ray.init()
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env})
