@@ -50,10 +50,11 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
 
 
 def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: S.StageOut | None,
-                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+                      in_process: bool = False) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
     """{label: model dir} -> ({label: metrics}, {label: eval stage dir}); cached per model,
-    the uncached ones evaluated in parallel Ray tasks."""
-    from orchestrator.evaluation import evaluate_many
+    the uncached ones evaluated in parallel Ray tasks, or here with `in_process` (a Tune
+    trial: its placement group has no room for extra tasks)."""
+    from orchestrator.evaluation import evaluate_many, evaluate_model
 
     include = local_tasks_dir(cfg, synthetic)
     ev = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items()
@@ -67,7 +68,14 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
         print(f"[lethe] stage eval       {st.key}  {'running' if label in todo else 'cached'}"
               f"  ({label})", flush=True)
     if todo:
-        fresh = evaluate_many(todo, cfg.evaluate, include)
+        if in_process:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            fresh = {label: evaluate_model(path, cfg.evaluate, include, device=device)
+                     for label, path in todo.items()}
+        else:
+            fresh = evaluate_many(todo, cfg.evaluate, include)
         for label, metrics in fresh.items():
             st = stages[label]
             st.prepare()

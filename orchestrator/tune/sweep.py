@@ -78,11 +78,12 @@ def _trial(params: dict[str, Any], cfg_dict: dict[str, Any], shared: dict[str, A
     final = {k: float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and math.isfinite(float(v))}
     report = S.partition_report(partition)
-    final.update({"auroc": float(report.get("auroc") or float("nan")), "done": 1.0,
+    final.update({"auroc": float(report.get("auroc") or float("nan")), "trial_finished": 1.0,
                   "lambda_max": float(params["lambda_max"]), "rho": float(params["rho"])})
     if cfg.evaluate.enabled:
         label = f"{spec.name}/forget/s{cfg.train.seed}"
-        results, dirs = evaluate_labelled(cfg, {label: S.model_path(done)}, _stage(shared["synthetic"]))
+        results, dirs = evaluate_labelled(cfg, {label: S.model_path(done)},
+                                          _stage(shared["synthetic"]), in_process=True)
         track.log_eval(results, dirs, extra_tags=tags)
         final.update({f"eval/{task}/{m}": float(v) for task, ms in results[label].items()
                       for m, v in ms.items() if isinstance(v, (int, float))})
@@ -163,7 +164,9 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
                      "negative_term": r.config.get("negative_term", cfg.train.negative_term),
                      "schedule": r.config.get("schedule", cfg.train.lambda_.schedule),
                      t.metric: m.get(t.metric), "iterations": m.get("training_iteration"),
-                     "finished": bool(m.get("done", 0.0)), "error": r.error is not None})
+                     # Tune's `done` is set on ASHA-stopped trials too; only a trial
+                     # that ran its whole training reports `trial_finished`.
+                     "finished": bool(m.get("trial_finished", 0.0)), "error": r.error is not None})
     best = grid.get_best_result(metric=t.metric, mode=t.mode, scope="all")
     best_cfg = trial_config(cfg, best.config)
     best_path = root / "best_config.yaml"
