@@ -1,24 +1,12 @@
-"""Entry point for `ray job submit`: a Ray Tune sweep.
+"""Entry point for `ray job submit`: a Ray Tune sweep over lambda and rho.
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
         python -m jobs.tune --config configs/demo.yaml [key.path=value ...]
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from orchestrator.cli import main
-
-
-def entry(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jobs.tune")
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    return main(["tune", args.config, *args.overrides])
-
+from jobs._entry import entry
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(entry("jobs.tune", "tune", until=None))
