@@ -45,9 +45,23 @@ def _without(d: dict[str, Any], fields: set[str]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in fields}
 
 
-def _log_stage(stage: Stage, cached: bool) -> None:
-    state = "cached" if cached else "running"
-    print(f"[lethe] stage {stage.name:<10} {stage.key}  {state}", flush=True)
+def _open(cfg: ExperimentConfig, name: str, inputs: dict[str, Any]) -> tuple[Stage, bool]:
+    """The stage named by `inputs`, whether it is already done; prepared when it is not."""
+    st = Stage(stages_root(cfg), name, inputs)
+    cached = st.done()
+    print(f"[lethe] stage {name:<10} {st.key}  {'cached' if cached else 'running'}", flush=True)
+    if not cached:
+        st.prepare()
+    return st, cached
+
+
+def _train_into(st: Stage, **job_fields: Any) -> None:
+    """Run one Ray Train job whose checkpoints and export live in the stage's folder."""
+    from orchestrator.training import TrainJob, run_training
+
+    job = TrainJob(output_dir=str(st.dir / "run"), storage_path=str(st.dir / "ray"), **job_fields)
+    result = run_training(job)
+    st.mark_done({"model_path": result.export_dir, "metrics": result.metrics})
 
 
 # ------------------------------------------------------------------------------- data
@@ -57,11 +71,8 @@ def synthetic_stage(cfg: ExperimentConfig) -> StageOut:
     """Generate the synthetic noisy corpus (embedded default)."""
     from orchestrator.data import generate_synthetic
 
-    st = Stage(stages_root(cfg), "synthetic", {"synthetic": cfg.data.synthetic.model_dump(mode="json")})
-    cached = st.done()
-    _log_stage(st, cached)
+    st, cached = _open(cfg, "synthetic", {"synthetic": cfg.data.synthetic.model_dump(mode="json")})
     if not cached:
-        st.prepare()
         generate_synthetic(cfg.data.synthetic, st.dir)
         st.mark_done()
     return StageOut(st.key, st.dir, cached)
@@ -88,18 +99,14 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
     if spec.pretrained is not None:
         p = Path(spec.pretrained)
         ident = path_fingerprint(p) if p.exists() else {"hub": spec.pretrained, "rev": spec.revision}
-        st = Stage(stages_root(cfg), "base", {"spec": spec.model_dump(mode="json"), "ident": ident})
-        if not st.done():
-            st.prepare()
+        st, cached = _open(cfg, "base", {"spec": spec.model_dump(mode="json"), "ident": ident})
+        if not cached:
             (st.dir / "model_path.txt").write_text(spec.pretrained)
             st.mark_done({"model_path": spec.pretrained})
         return StageOut(st.key, st.dir, True)
     inputs = {"spec": spec.model_dump(mode="json"), "corpus": rows_ident, "seed": cfg.seed}
-    st = Stage(stages_root(cfg), "base", inputs)
-    cached = st.done()
-    _log_stage(st, cached)
+    st, cached = _open(cfg, "base", inputs)
     if not cached:
-        st.prepare()
         model_dir = st.dir / "model"
         materialize_base(spec, corpus_texts(rows_path), model_dir, seed=cfg.seed)
         st.mark_done({"model_path": str(model_dir)})
@@ -120,12 +127,9 @@ def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ide
 
     data_cfg = cfg.data.model_dump(mode="json")
     data_cfg.pop("synthetic")
-    st = Stage(stages_root(cfg), "tokens", {"data": data_cfg, "rows": rows_ident, "split": split,
+    st, cached = _open(cfg, "tokens", {"data": data_cfg, "rows": rows_ident, "split": split,
                                             "tokenizer": base.key})
-    cached = st.done()
-    _log_stage(st, cached)
     if not cached:
-        st.prepare()
         spec = _spec_of(base)
         tok = load_tokenizer(spec, model_path(base))
         report = prepare_dataset(cfg.data, tok, st.dir, rows_path=rows_path)
@@ -150,7 +154,7 @@ def _train_cfg_for_key(cfg: ExperimentConfig, **updates: Any) -> dict[str, Any]:
 def reference_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, tokens: StageOut,
                     valid: StageOut | None, mlflow_target: Any = None) -> StageOut:
     """The reference model: the base after plain SFT on a seeded random subset of the pool."""
-    from orchestrator.training import SubsetSpec, TrainJob, run_training
+    from orchestrator.training import SubsetSpec
 
     ref = cfg.reference
     updates: dict[str, Any] = {"methods": ["sft"]}
@@ -165,21 +169,15 @@ def reference_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, toke
                         size=ref.subset_size, seed=ref.seed)
     inputs = {"base": base.key, "tokens": tokens.key, "subset": subset.__dict__,
               "train": _train_cfg_for_key(cfg, **updates)}
-    st = Stage(stages_root(cfg), "reference", inputs)
-    cached = st.done()
-    _log_stage(st, cached)
+    st, cached = _open(cfg, "reference", inputs)
     if not cached:
-        st.prepare()
-        job = TrainJob(
-            train_path=str(tokens.dir / "tokens.parquet"), base_model_path=model_path(base),
+        _train_into(
+            st, train_path=str(tokens.dir / "tokens.parquet"), base_model_path=model_path(base),
             model=spec, train=train, method="sft", class_column="response_mask",
-            output_dir=str(st.dir / "run"), run_name=f"reference-{st.key}",
-            storage_path=str(st.dir / "ray"), subset=subset,
+            run_name=f"reference-{st.key}", subset=subset,
             validation_path=str(valid.dir / "tokens.parquet") if valid else None,
             mlflow=mlflow_target,
         )
-        result = run_training(job)
-        st.mark_done({"model_path": result.export_dir, "metrics": result.metrics})
     return StageOut(st.key, st.dir, cached)
 
 
@@ -189,12 +187,9 @@ def score_stage(cfg: ExperimentConfig, base: StageOut, reference: StageOut,
     from orchestrator.scoring import run_scoring
 
     scoring = _without(cfg.scoring.model_dump(mode="json"), _SCORING_RESOURCE_FIELDS)
-    st = Stage(stages_root(cfg), "scores", {"base": base.key, "reference": reference.key,
+    st, cached = _open(cfg, "scores", {"base": base.key, "reference": reference.key,
                                             "tokens": tokens.key, "scoring": scoring})
-    cached = st.done()
-    _log_stage(st, cached)
     if not cached:
-        st.prepare()
         # run_scoring resumes block by block inside its own folder when it was killed.
         out = run_scoring(tokens.dir / "tokens.parquet", model_path(base), model_path(reference),
                           cfg.scoring, st.dir / "scores",
@@ -207,12 +202,9 @@ def partition_stage(cfg: ExperimentConfig, tokens: StageOut, scores: StageOut) -
     """Global rho threshold over every response token -> token_class column + report."""
     from orchestrator.partition import run_partition
 
-    st = Stage(stages_root(cfg), "partition", {"scores": scores.key, "tokens": tokens.key,
+    st, cached = _open(cfg, "partition", {"scores": scores.key, "tokens": tokens.key,
                                                "partition": cfg.partition.model_dump(mode="json")})
-    cached = st.done()
-    _log_stage(st, cached)
     if not cached:
-        st.prepare()
         report = run_partition(tokens.dir / "tokens.parquet", scores_path(scores), cfg.partition,
                                st.dir)
         st.mark_done({"report": report})
@@ -233,7 +225,6 @@ def train_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, data: St
                 ) -> StageOut:
     """Fine-tune the base with one objective. `data` is the partition stage for ignore /
     forget, the tokens stage for sft (whose key therefore does not depend on rho)."""
-    from orchestrator.training import TrainJob, run_training
 
     updates = {"seed": seed, **(train_overrides or {})}
     parquet = data.dir / ("tokens.parquet" if method == "sft" else "partitioned.parquet")
@@ -242,22 +233,16 @@ def train_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, data: St
     if method == "sft":  # lambda / negative term do not touch plain SFT
         inputs["train"].pop("lambda")
         inputs["train"].pop("negative_term")
-    st = Stage(stages_root(cfg), "train", inputs)
-    cached = st.done()
-    _log_stage(st, cached)
+    st, cached = _open(cfg, "train", inputs)
     if not cached:
-        st.prepare()
-        job = TrainJob(
-            train_path=str(parquet), base_model_path=model_path(base), model=spec,
+        _train_into(
+            st, train_path=str(parquet), base_model_path=model_path(base), model=spec,
             train=cfg.train.model_copy(update=updates), method=method,
             class_column="response_mask" if method == "sft" else "token_class",
-            output_dir=str(st.dir / "run"), run_name=f"{spec.name}-{method}-s{seed}-{st.key}",
-            storage_path=str(st.dir / "ray"),
+            run_name=f"{spec.name}-{method}-s{seed}-{st.key}",
             validation_path=str(valid.dir / "tokens.parquet") if valid else None,
             mlflow=mlflow_target, callbacks=list(callbacks or []),
         )
-        result = run_training(job)
-        st.mark_done({"model_path": result.export_dir, "metrics": result.metrics})
     return StageOut(st.key, st.dir, cached)
 
 
