@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from tiny_configs import TINY
+from tiny_configs import TINY, runs_frame
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -117,11 +117,8 @@ def test_pipeline_through_ray_job_submit(ray_head, tmp_path):
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "pipeline finished" in logs
 
-    import mlflow
-
     uri = f"sqlite:///{tmp_path}/runs/job-test/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["job-test"], output_format="pandas")
+    runs = runs_frame(uri, "job-test")
     forget = runs[runs["tags.method"] == "forget"]
     assert len(forget) == 1
     assert 0.0 <= forget.iloc[0]["metrics.eval/lethe_synth_mc/acc"] <= 1.0

@@ -12,7 +12,7 @@ import re
 
 import pytest
 import yaml
-from tiny_configs import TINY
+from tiny_configs import TINY, runs_frame
 
 from orchestrator.config import load_config
 
@@ -47,13 +47,9 @@ def test_full_run_evaluates_every_model_and_tracks_it(first_run, config_path):
     assert report["n_positive"] == int(n * 0.7)
     assert 0.0 <= report["auroc"] <= 1.0  # synthetic data carries its noise mask
 
-    import mlflow
-
     cfg = load_config(config_path)
     uri = f"sqlite:///{cfg.run_dir}/{cfg.name}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=[cfg.name], output_format="pandas",
-                              filter_string="tags.method = 'forget'")
+    runs = runs_frame(uri, cfg.name, "tags.method = 'forget'")
     assert len(runs) == 1
     row = runs.iloc[0]
     assert row["tags.family"] == "llama" and row["tags.rho"] == "0.7"

@@ -42,9 +42,11 @@ def _config(name: str = "exp-track", run_dir: str = "runs", **extra) -> Experime
 def _search(uri: str, experiment: str, filt: str = ""):
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_names=[experiment], filter_string=filt,
-                              output_format="pandas")
+    from orchestrator.tracking.compare import _tracking_uri
+
+    with _tracking_uri(uri):  # leaves no MLFLOW_TRACKING_URI behind for later tests
+        return mlflow.search_runs(experiment_names=[experiment], filter_string=filt,
+                                  output_format="pandas")
 
 
 # ------------------------------------------------------------------------ URIs and reachability
@@ -289,3 +291,15 @@ def test_inspect_sample_marks_classes_and_noise(tmp_path):
     assert page.count('class="tok noise"') == 1 and page.count('<sup class="cl">−</sup>') == 1
     with pytest.raises(KeyError, match="sample_id 99"):
         inspect_sample(tmp_path / "partitioned.parquet", tmp_path / "scores", tmp_path / "tok", 99)
+
+
+def test_compare_leaves_no_tracking_uri_behind(tmp_path, monkeypatch):
+    """Reading runs must not export MLFLOW_TRACKING_URI: it outranks the config of every later
+    run in the process (a leak sent a second pipeline's runs to the first one's store)."""
+    import os
+
+    from orchestrator.tracking.compare import compare
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    compare(f"sqlite:///{tmp_path}/m.db", "nothing-here")
+    assert "MLFLOW_TRACKING_URI" not in os.environ

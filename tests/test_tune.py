@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_configs import TINY
+from tiny_configs import TINY, runs_frame
 
 from orchestrator.config import load_config
 
@@ -43,10 +43,7 @@ def test_sweep_reuses_scores_and_tracks_every_trial(ray_local, tmp_path, capsys)
     assert len(list((stages / "scores").glob("*/_SUCCESS.json"))) == 1  # scored once
     assert len(list((stages / "partition").glob("*/_SUCCESS.json"))) == 3  # one per rho
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{cfg.run_dir}/{cfg.name}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=[cfg.name], output_format="pandas")
+    runs = runs_frame(f"sqlite:///{cfg.run_dir}/{cfg.name}/mlflow.db", cfg.name)
     trials = runs[runs.get("tags.trial_id").notna()]
     assert len(trials) == 3
     assert trials["tags.rho"].nunique() == 3 and trials["tags.lambda_max"].nunique() == 3

@@ -16,3 +16,27 @@ TINY = {
     "evaluate": {"tasks": ["lethe_synth_mc"], "limit": 8, "batch_size": 8},
     "ray": {"max_parallel_trainings": 2},
 }
+
+
+def runs_frame(tracking_uri: str, experiment: str, filter_string: str = ""):
+    """The experiment's runs as a DataFrame with `tags.*`, `params.*`, `metrics.*` columns.
+
+    Through an explicit client: `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI,
+    which would leak into every later pipeline run of the test session.
+    """
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return pd.DataFrame()
+    rows = []
+    for run in client.search_runs([exp.experiment_id], filter_string=filter_string,
+                                  max_results=10000):
+        row = {"run_id": run.info.run_id}
+        row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+        row.update({f"params.{k}": v for k, v in run.data.params.items()})
+        row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -34,16 +34,28 @@ def mean_std_text(values: list[float], digits: int = 3) -> str:
 
 @contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
-    """mlflow.search_runs reads the process-wide URI: set it for the call, then restore."""
+    """mlflow.search_runs reads the process-wide URI: set it for the call, then restore it.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which outranks the config in
+    `resolve_tracking_uri`: left behind, it would send a later run in this process (a second
+    pipeline, a sweep) to this store, so the variable is restored exactly too.
+    """
+    import os
+
     import mlflow
 
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         if previous is not None:
             mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def latest_parent_run_id(tracking_uri: str, experiment: str) -> str | None:
