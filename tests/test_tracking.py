@@ -303,3 +303,39 @@ def test_compare_leaves_no_tracking_uri_behind(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     compare(f"sqlite:///{tmp_path}/m.db", "nothing-here")
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_lethe_ui_stops_its_server_on_sigterm(tmp_path):
+    """`lethe ui` runs the MLflow server in its own process group; a SIGTERM to the command
+    (a job manager, `timeout`) must stop the server too."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: ui-test\nrun_dir: {tmp_path}/runs\nmodels:\n"
+                   "  - {name: m, family: llama, from_config: {hidden_size: 32}}\n")
+    lethe = Path(sys.executable).parent / "lethe"
+    proc = subprocess.Popen([str(lethe), "ui", str(cfg), "--port", str(_free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server_pid = None
+    deadline = time.time() + 60
+    while server_pid is None and time.time() < deadline:
+        line = proc.stdout.readline()
+        if m := re.search(r"\(pid (\d+)\)", line):
+            server_pid = int(m.group(1))
+    try:
+        assert server_pid is not None and psutil.pid_exists(server_pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        time.sleep(1)
+        assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == "zombie"
+    finally:  # never leave a server behind, even when the assertion fails
+        proc.kill()
+        if server_pid is not None:
+            try:
+                os.killpg(server_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

@@ -202,17 +202,27 @@ def print_comparison(cfg: ExperimentConfig) -> None:
 
 
 def serve_ui(cfg: ExperimentConfig, port: int = 5000) -> None:
+    import signal
+
     from orchestrator.tracking.ui import start_ui, stop_ui
 
     track = PipelineTracking.open(cfg, run_dir(cfg))
     proc = start_ui(track.uri, host="127.0.0.1", port=port)
     print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+
+    # The server runs in its own process group; a SIGTERM to this command (a job manager,
+    # `timeout`) must stop it too, as Ctrl-C does.
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
         stop_ui(proc)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def inspect_sample_cli(cfg: ExperimentConfig, model: str, sample_id: int,
