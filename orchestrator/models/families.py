@@ -27,23 +27,17 @@ from orchestrator.config import ModelSpec
 
 # Sizes the embedded demo uses per family. GPT-Neo has no grouped-query attention (so no
 # num_kv_heads) and its MLP is conventionally 4 x hidden; it has a local-attention window.
+_GQA_TINY = {  # llama and qwen2 share the decoder layout at this size
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 512,
+}
 FAMILY_TINY_DEFAULTS: dict[str, dict[str, int]] = {
-    "llama": {
-        "hidden_size": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "intermediate_size": 128,
-        "max_position_embeddings": 512,
-    },
-    "qwen2": {
-        "hidden_size": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "intermediate_size": 128,
-        "max_position_embeddings": 512,
-    },
+    "llama": dict(_GQA_TINY),
+    "qwen2": dict(_GQA_TINY),
     "gpt_neo": {
         "hidden_size": 64,
         "num_layers": 2,

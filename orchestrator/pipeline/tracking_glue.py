@@ -22,6 +22,7 @@ from orchestrator.config import ExperimentConfig, ModelSpec
 from orchestrator.tracking import Tracker
 
 INSPECT_SAMPLES = 3  # inspector pages logged per model (noisy samples first)
+_STAGE_RUNS = ("partition", "reference")  # per-model stage runs, kept out of `compare`
 
 
 class PipelineTracking:
@@ -81,14 +82,14 @@ class PipelineTracking:
         key = (spec.name, method, str(seed), *sorted(f"{k}={v}" for k, v in (extra_tags or {}).items()))
         with self._lock:
             if key not in self._children:
-                suffix = "" if method in ("base", "partition") else f"/s{seed}"
+                suffix = "" if method in ("base", *_STAGE_RUNS) else f"/s{seed}"
                 name = f"{spec.name}/{method}{suffix}"
                 if extra_tags and "trial_id" in extra_tags:
                     name = f"{name}/{extra_tags['trial_id']}"
                 tags = self._tags(spec, method, seed)
-                if method == "partition":
+                if method in _STAGE_RUNS:  # not a compared method: no `method` tag
                     tags.pop("method")
-                    tags["lethe.stage"] = "partition"
+                    tags["lethe.stage"] = method
                 self._children[key] = self.tracker.start_child(name, {**tags, **(extra_tags or {})})
             return self._children[key]
 
@@ -99,13 +100,7 @@ class PipelineTracking:
             return None
         from orchestrator.training import MlflowTarget
 
-        if method == "reference":  # its own run: the reference is not a compared method
-            with self._lock:
-                run = self._children.setdefault((spec.name, "reference"), self.tracker.start_child(
-                    f"{spec.name}/reference",
-                    {"family": spec.family, "model": spec.name, "lethe.stage": "reference"}))
-        else:
-            run = self.child(spec, method, seed, extra_tags)
+        run = self.child(spec, method, seed, extra_tags)
         return MlflowTarget(tracking_uri=self.tracker.uri, experiment=self.tracker.experiment,
                             parent_run_id=self.parent.run_id if self.parent else None,
                             run_id=run.run_id, run_name=run.target.run_name,
