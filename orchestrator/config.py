@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Family = Literal["llama", "qwen2", "gpt_neo"]
 Method = Literal["sft", "ignore", "forget"]
@@ -21,6 +28,14 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and the allowed values."""
+
+
+def path_component(value: str) -> str:
+    """A name used as one folder name: '.' and '..' would put output outside run_dir."""
+    if value in (".", ".."):
+        raise ValueError(f"{value!r} is not a usable name: it must be a single folder name "
+                         "(letters, digits, '_', '-', '.'), not '.' or '..'")
+    return value
 
 
 class Strict(BaseModel):
@@ -44,6 +59,8 @@ class ModelSpec(Strict):
     pad_token: str | None = None  # override the family's pad-token fix
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    _name_is_component = field_validator("name")(path_component)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -77,6 +94,9 @@ class DataConfig(Strict):
     max_seq_len: int = Field(default=512, ge=8)
     max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     limit: int | None = Field(default=None, ge=1)
+    # A row (a JSONL line, or a row's message text) longer than this is rejected before it
+    # is parsed or tokenized: one runaway row must not exhaust memory. None = no bound.
+    max_row_chars: int | None = Field(default=1_000_000, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
@@ -222,6 +242,8 @@ class ExperimentConfig(Strict):
     tune: TuneConfig = TuneConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+
+    _name_is_component = field_validator("name")(path_component)
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> ExperimentConfig:

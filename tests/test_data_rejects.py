@@ -120,3 +120,146 @@ def test_bad_sources_are_clear_errors(tmp_path, tok):
     empty.write_text("")
     with pytest.raises(DataError, match="no rows"):
         prepare_dataset(DataConfig(source="file", path=str(empty)), tok, tmp_path / "o5")
+
+
+# ----------------------------------------------------------------------------- inputs that
+# used to crash the run: each is now a counted reject (or a one-line DataError), and the good
+# rows of the same file are all accepted.
+
+LLAMA2_STYLE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _good(i: int) -> bytes:
+    return json.dumps({"prompt": f"What is {i} + 1?", "completion": f"The answer is {i + 1}."}).encode()
+
+
+def _rejects(report) -> list[tuple[int, str]]:
+    return [(r["row"], r["reason"]) for r in map(json.loads, report.rejects_path.read_text().splitlines())]
+
+
+def test_unreadable_jsonl_lines_are_rejects_and_good_rows_stay(tmp_path, tok):
+    nested = b"[" * 5_000 + b"]" * 5_000  # deeper than json's recursion limit
+    huge = json.dumps({"prompt": "x" * 30_000, "completion": "The answer is 1."}).encode()
+    lines = [
+        _good(0),
+        b'{"prompt": "caf\xe9 au lait?", "completion": "The answer is 1."}',  # latin-1 byte
+        _good(2),
+        nested,
+        _good(4),
+        huge,
+        _good(6),
+    ]
+    src = tmp_path / "rows.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM is not a bad row
+    cfg = DataConfig(source="file", path=str(src), max_seq_len=64, max_rejected_fraction=1.0,
+                     max_row_chars=20_000)
+    report = prepare_dataset(cfg, tok, tmp_path / "out")
+    assert _rejects(report) == [(1, "invalid_utf8"), (3, "too_deeply_nested"), (5, "row_too_large")]
+    details = [json.loads(x)["detail"] for x in report.rejects_path.read_text().splitlines()]
+    assert "line 2" in details[0] and "0xe9" in details[0]
+    assert "line 4" in details[1]
+    assert "line 6" in details[2] and "max_row_chars=20000" in details[2]
+    assert read_tokens(report.tokens_path)["sample_id"].to_pylist() == [0, 2, 4, 6]
+
+
+def test_oversized_line_is_not_held_in_memory(tmp_path, tok):
+    # 4x the limit in bytes is the most a line can be read before it is rejected unparsed.
+    src = tmp_path / "rows.jsonl"
+    src.write_bytes(_good(0) + b"\n" + b"{" * 50_000 + b"\n" + _good(2) + b"\n")
+    cfg = DataConfig(source="file", path=str(src), max_seq_len=64, max_rejected_fraction=1.0,
+                     max_row_chars=100)
+    report = prepare_dataset(cfg, tok, tmp_path / "out")
+    assert _rejects(report) == [(1, "row_too_large")]
+    assert "50001 bytes" in report.rejects_path.read_text()
+    assert read_tokens(report.tokens_path)["sample_id"].to_pylist() == [0, 2]
+
+
+def test_chat_template_that_raises_rejects_the_row(tmp_path, tok):
+    tok = build_tokenizer()
+    tok.chat_template = LLAMA2_STYLE_TEMPLATE
+    rows = [
+        {"messages": [{"role": "user", "content": "What is 1 + 1?"},
+                      {"role": "assistant", "content": "The answer is 2."}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
+                      {"role": "assistant", "content": "The answer is 3."}]},
+        {"prompt": "What is 2 + 2?", "completion": "The answer is 4."},
+    ]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = DataConfig(source="file", path=str(src), chat_template="tokenizer", max_seq_len=64,
+                     max_rejected_fraction=1.0)
+    report = prepare_dataset(cfg, tok, tmp_path / "out")
+    assert _rejects(report) == [(1, "chat_template_error")]
+    assert "roles must alternate" in report.rejects_path.read_text()
+    assert read_tokens(report.tokens_path)["sample_id"].to_pylist() == [0, 2]
+
+
+def _parquet_rows(n: int) -> list[dict]:
+    return [{"prompt": f"What is {i} + 1?", "completion": f"The answer is {i + 1}."} for i in range(n)]
+
+
+def test_corrupt_parquet_footer_is_one_line_error(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(_parquet_rows(4)), path)
+    path.write_bytes(path.read_bytes()[:-20])  # truncated: the footer is gone
+    with pytest.raises(DataError) as err:
+        prepare_dataset(DataConfig(source="file", path=str(path)), tok, tmp_path / "out")
+    msg = str(err.value)
+    assert str(path) in msg and "not a readable Parquet file" in msg and "\n" not in msg
+
+
+def test_corrupt_parquet_row_group_rejects_its_rows_only(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(_parquet_rows(12)), path, row_group_size=4,
+                   compression="snappy")
+    meta = pq.ParquetFile(path).metadata
+    col = meta.row_group(1).column(0)  # the middle group's first column chunk
+    start = col.dictionary_page_offset or col.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start: start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    path.write_bytes(bytes(data))
+    cfg = DataConfig(source="file", path=str(path), max_seq_len=64, max_rejected_fraction=1.0)
+    report = prepare_dataset(cfg, tok, tmp_path / "out")
+    assert _rejects(report) == [(i, "unreadable_parquet") for i in range(4, 8)]
+    assert "row group 1 (rows 4-7)" in report.rejects_path.read_text()
+    assert read_tokens(report.tokens_path)["sample_id"].to_pylist() == [0, 1, 2, 3, 8, 9, 10, 11]
+
+
+def test_row_size_limit_applies_to_parquet_rows_before_tokenizing(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _parquet_rows(3)
+    rows[1]["prompt"] = "y" * 300
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = DataConfig(source="file", path=str(path), max_seq_len=64, max_rejected_fraction=1.0,
+                     max_row_chars=200)
+    report = prepare_dataset(cfg, tok, tmp_path / "out")
+    assert _rejects(report) == [(1, "row_too_large")]
+    assert read_tokens(report.tokens_path)["sample_id"].to_pylist() == [0, 2]
+
+
+def test_bad_json_document_is_one_line_error(tmp_path, tok):
+    bad = tmp_path / "rows.json"
+    bad.write_bytes(b'[{"prompt": "\xff"}]')
+    with pytest.raises(DataError, match=r"rows.json: byte 14 is not UTF-8"):
+        prepare_dataset(DataConfig(source="file", path=str(bad)), tok, tmp_path / "o1")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested deeper"):
+        prepare_dataset(DataConfig(source="file", path=str(deep)), tok, tmp_path / "o2")

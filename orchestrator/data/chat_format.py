@@ -172,6 +172,19 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_p
     )
 
 
+def _apply_template_row(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    """`_apply_template` for one source row: a template that raises on this row (Llama-2 /
+    Mistral `raise_exception('Conversation roles must alternate ...')`, a missing key) rejects
+    the row with the template's message instead of stopping the run."""
+    try:
+        return _apply_template(tokenizer, messages, generation_prompt)
+    except MemoryError:
+        raise
+    except Exception as exc:  # jinja2 TemplateError and whatever a template's code raises
+        raise RowRejected("chat_template_error", f"the tokenizer's chat template raised "
+                          f"{type(exc).__name__}: {exc}") from None
+
+
 def render_with_tokenizer(conv: Conversation, tokenizer: Any) -> FormattedSample:
     """The tokenizer's own chat template; assistant spans found by prefix differences.
 
@@ -181,16 +194,16 @@ def render_with_tokenizer(conv: Conversation, tokenizer: Any) -> FormattedSample
     end of `upto` minus trailing whitespace (so the template's end-of-turn marker is
     trained, as the paper trains eos, but the newline after it is not).
     """
-    full = _apply_template(tokenizer, conv.messages, False)
+    full = _apply_template_row(tokenizer, conv.messages, False)
     spans: list[Span] = []
     content_starts: dict[int, int | None] = {}
     for i, msg in enumerate(conv.messages):
         if msg["role"] != "assistant":
             continue
-        before = _apply_template(tokenizer, conv.messages[:i], True)
-        upto = _apply_template(tokenizer, conv.messages[: i + 1], False)
+        before = _apply_template_row(tokenizer, conv.messages[:i], True)
+        upto = _apply_template_row(tokenizer, conv.messages[: i + 1], False)
         if not upto.startswith(before):
-            before = _apply_template(tokenizer, conv.messages[:i], False)
+            before = _apply_template_row(tokenizer, conv.messages[:i], False)
         if not (upto.startswith(before) and full.startswith(upto)):
             raise RowRejected(
                 "template_not_incremental",

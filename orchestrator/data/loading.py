@@ -2,7 +2,10 @@
 
 Rows are numbered from 0 in source order; that number becomes `sample_id` and is used by
 rejects.jsonl, so a row keeps its number whether it is accepted or not. A JSONL line that
-is not valid JSON is yielded as a `RowRejected` in its place (blank lines are not rows).
+cannot be a row (not UTF-8, not valid JSON, nested too deeply, longer than
+`data.max_row_chars`) is yielded as a `RowRejected` in its place (blank lines are not rows);
+so are the rows of a Parquet row group that cannot be decoded. A file that cannot be read
+at all (a Parquet footer, a JSON document) is a DataError naming the file.
 Everything is local: `datasets` runs offline here (HF_DATASETS_OFFLINE is set by callers
 that must not download).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +25,60 @@ from orchestrator.data.errors import DataError, RowRejected
 _DATASETS_DIR_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-def _iter_jsonl(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+def _read_line(fh: Any, limit: int) -> tuple[bytes, int]:
+    """The next line (at most `limit` bytes kept) and its full length in bytes.
+
+    A line longer than the limit is consumed without holding it in memory, so one runaway
+    row cannot exhaust the reader.
+    """
+    line = fh.readline(limit + 1)
+    size = len(line)
+    if size > limit and not line.endswith(b"\n"):
+        while True:
+            chunk = fh.readline(1 << 20)
+            size += len(chunk)
+            if not chunk or chunk.endswith(b"\n"):
+                break
+    return line, size
+
+
+def _iter_jsonl(path: Path, max_row_chars: int | None = None) -> Iterator[Any]:
+    # UTF-8 needs at most 4 bytes per character: a line over 4x the limit in bytes is over
+    # the limit in characters, so reading stops there.
+    byte_limit = max_row_chars * 4 if max_row_chars else 1 << 62
+    with path.open("rb") as fh:
+        lineno = 0
+        while True:
+            raw, size = _read_line(fh, byte_limit)
+            if not raw:
+                return
+            lineno += 1
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark is not content
+            if size > byte_limit:
+                yield RowRejected("row_too_large", f"line {lineno}: {size} bytes, more than "
+                                  f"data.max_row_chars={max_row_chars} characters")
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield RowRejected("invalid_utf8", f"line {lineno}: byte 0x{raw[exc.start]:02x} at "
+                                  f"byte {exc.start + 1} is not UTF-8 ({exc.reason})")
+                continue
             if not line.strip():
+                continue
+            chars = len(line.rstrip("\r\n"))
+            if max_row_chars and chars > max_row_chars:
+                yield RowRejected("row_too_large", f"line {lineno}: {chars} characters, more "
+                                  f"than data.max_row_chars={max_row_chars}")
                 continue
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
                 yield RowRejected("invalid_json", f"line {lineno}: {exc.msg} at column {exc.colno}")
+            except RecursionError:
+                yield RowRejected("too_deeply_nested", f"line {lineno}: JSON nested deeper than "
+                                  f"the parser's limit (~{sys.getrecursionlimit()} levels)")
 
 
 def _iter_json(path: Path) -> Iterator[Any]:
@@ -37,6 +86,10 @@ def _iter_json(path: Path) -> Iterator[Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: byte {exc.start + 1} is not UTF-8 ({exc.reason})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested deeper than the parser's limit") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -45,10 +98,30 @@ def _iter_json(path: Path) -> Iterator[Any]:
 
 
 def _iter_parquet(path: Path) -> Iterator[Any]:
+    """Rows of a Parquet file, row group by row group. A row group that cannot be decoded
+    turns its (remaining) rows into rejects, so the readable groups still count."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    first_row = 0
+    for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        done = 0
+        try:
+            for batch in pf.iter_batches(batch_size=1024, row_groups=[group]):
+                rows = batch.to_pylist()
+                done += len(rows)
+                yield from rows
+        except (pa.ArrowException, OSError) as exc:
+            detail = (f"Parquet row group {group} (rows {first_row}-{first_row + n - 1}) "
+                      f"cannot be decoded: {exc}")
+            for _ in range(n - done):
+                yield RowRejected("unreadable_parquet", detail)
+        first_row += n
 
 
 def _load_hf(path: str, split: str) -> Any:
@@ -77,13 +150,15 @@ def _iter_hf(path: str, split: str) -> Iterator[Any]:
             yield {k: batch[k][i] for k in keys}
 
 
-def iter_path_rows(path: str | Path, split: str = "train") -> Iterator[Any]:
-    """Rows of one local file or dataset directory, by suffix; other names go to datasets."""
+def iter_path_rows(path: str | Path, split: str = "train",
+                   max_row_chars: int | None = None) -> Iterator[Any]:
+    """Rows of one local file or dataset directory, by suffix; other names go to datasets.
+    `max_row_chars` bounds a JSONL line before it is parsed (longer = a RowRejected)."""
     p = Path(path)
     suffix = p.suffix.lower()
     if p.is_file():
         if suffix == ".jsonl":
-            return _iter_jsonl(p)
+            return _iter_jsonl(p, max_row_chars)
         if suffix == ".json":
             return _iter_json(p)
         if suffix == ".parquet":
@@ -96,14 +171,15 @@ def iter_path_rows(path: str | Path, split: str = "train") -> Iterator[Any]:
 
 def iter_source_rows(cfg: DataConfig, rows_path: str | None = None) -> Iterator[tuple[int, Any]]:
     """(row number, row) for the configured source, capped at cfg.limit rows."""
+    limit = cfg.max_row_chars
     if rows_path is not None:
-        rows = iter_path_rows(rows_path, cfg.split)
+        rows = iter_path_rows(rows_path, cfg.split, limit)
     elif cfg.source == "synthetic":
         raise DataError("data.source='synthetic': pass rows_path (the generated train.jsonl)")
     elif cfg.source == "hf" and not Path(str(cfg.path)).is_file():
         rows = _iter_hf(str(cfg.path), cfg.split)
     else:
-        rows = iter_path_rows(str(cfg.path), cfg.split)
+        rows = iter_path_rows(str(cfg.path), cfg.split, limit)
     return enumerate(itertools.islice(rows, cfg.limit))
 
 

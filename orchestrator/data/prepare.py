@@ -8,7 +8,6 @@ DataError (after rejects.jsonl and report.json are written, so the cause can be 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.cache import atomic_path, atomic_write_json
 from orchestrator.config import DataConfig
 from orchestrator.data.chat_format import (
     FormattedSample,
@@ -132,10 +132,15 @@ def _flush(
     pending.clear()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def _check_row_size(conv: Any, max_chars: int | None) -> None:
+    """Reject a row whose message text exceeds data.max_row_chars before it is formatted
+    and tokenized (JSONL lines are bounded earlier, while being read)."""
+    if not max_chars:
+        return
+    chars = sum(len(m["content"]) for m in conv.messages)
+    if chars > max_chars:
+        raise RowRejected("row_too_large", f"{chars} characters of message text, more than "
+                          f"data.max_row_chars={max_chars}")
 
 
 def prepare_dataset(
@@ -163,6 +168,7 @@ def prepare_dataset(
             if isinstance(row, RowRejected):
                 raise row
             conv = conversation_from_row(row, cfg.format)
+            _check_row_size(conv, cfg.max_row_chars)
             pending.append((row_no, conv.source_id, format_sample(conv, tokenizer, cfg.chat_template)))
         except RowRejected as rej:
             rejects.append({"row": row_no, "reason": rej.reason, "detail": rej.detail})
@@ -171,7 +177,7 @@ def prepare_dataset(
     _flush(pending, tokenizer, cfg, acc, rejects)
 
     rejects.sort(key=lambda r: r["row"])
-    with rejects_path.open("w", encoding="utf-8") as fh:
+    with atomic_path(rejects_path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for r in rejects:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
@@ -193,7 +199,7 @@ def prepare_dataset(
         "max_seq_len": cfg.max_seq_len,
         "files": {"tokens": TOKENS_FILE, "rejects": REJECTS_FILE},
     }
-    _write_json_atomic(report_path, report)
+    atomic_write_json(report_path, report)
 
     tokens_path.unlink(missing_ok=True)  # never leave a stale result beside a failure
     if num_rows == 0:
@@ -209,9 +215,8 @@ def prepare_dataset(
     if not acc.sample_ids:
         raise DataError(f"all {num_rows} rows were rejected: {counts}; see {rejects_path}")
 
-    tmp = tokens_path.with_suffix(".parquet.tmp")
-    pq.write_table(acc.table(), tmp)
-    os.replace(tmp, tokens_path)
+    with atomic_path(tokens_path) as tmp:
+        pq.write_table(acc.table(), tmp)
     return DataReport(
         tokens_path=tokens_path,
         rejects_path=rejects_path,

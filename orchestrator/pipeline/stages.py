@@ -46,12 +46,11 @@ def _without(d: dict[str, Any], fields: set[str]) -> dict[str, Any]:
 
 
 def _open(cfg: ExperimentConfig, name: str, inputs: dict[str, Any]) -> tuple[Stage, bool]:
-    """The stage named by `inputs`, whether it is already done; prepared when it is not."""
+    """The stage named by `inputs`, whether it is already done; locked for this run and
+    prepared when it is not (a run that holds it elsewhere is waited for, then re-checked)."""
     st = Stage(stages_root(cfg), name, inputs)
-    cached = st.done()
+    cached = st.open()
     print(f"[lethe] stage {name:<10} {st.key}  {'cached' if cached else 'running'}", flush=True)
-    if not cached:
-        st.prepare()
     return st, cached
 
 
