@@ -11,13 +11,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
 
 from orchestrator.config import ConfigError, ExperimentConfig, load_config
+from orchestrator.masking import mask_secrets
 
 STAGES = ("data", "reference", "score", "partition", "train", "evaluate")
+DEBUG_HELP = "show the full traceback of an error (default: one line on stderr)"
 
 
 def _offline_defaults() -> None:
@@ -86,12 +89,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lethe", description="Token-level forgetting fine-tuning on Ray")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="experiment YAML (e.g. configs/demo.yaml)")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+        # SUPPRESS: an absent subcommand flag must not reset `lethe --debug run ...`
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         return sp
 
     run = with_config("run", "run the pipeline")
@@ -111,14 +117,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _known_error(exc: BaseException) -> BaseException | None:
+    """The Lethe error (or OS error) behind `exc`, or None for anything else (a bug keeps
+    its traceback). Ray re-raises a task's error as a subclass that also carries `cause`."""
+    from orchestrator.data.errors import DataError
+    from orchestrator.errors import LetheError
+    from orchestrator.tracking.uri import TrackingError
+
+    known = (ConfigError, DataError, TrackingError, LetheError, OSError)
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, known):
+        return cause
+    return exc if isinstance(exc, known) else None
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for stderr (a config error keeps its per-key lines)."""
+    if isinstance(exc, OSError) and not isinstance(exc, ConfigError):
+        what = exc.strerror or str(exc)
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{what}{where}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            text += ("; free space there (or point run_dir elsewhere) and run again: finished "
+                     "stages are kept, half-written files are removed")
+    else:
+        text = str(exc)
+    text = mask_secrets(text)
+    if isinstance(exc, ConfigError):
+        return text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0] if len(lines) <= 1 else f"{lines[0]} (+{len(lines) - 1} more lines; --debug)"
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("LETHE_DEBUG") == "1"
     try:
         return int(args.fn(args))
-    except ConfigError as exc:
-        print(f"lethe: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("lethe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        known = _known_error(exc)
+        if known is None or debug:
+            raise
+        print(f"lethe: {error_line(known)}", file=sys.stderr)
+        return 2 if isinstance(known, ConfigError) else 1
 
 
 if __name__ == "__main__":

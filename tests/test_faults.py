@@ -6,12 +6,8 @@ Every process or mount a test starts is stopped by that test (by PID / mount poi
 from __future__ import annotations
 
 import errno
-import json
-import os
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
