@@ -42,8 +42,9 @@ LOCK_TIMEOUT_ENV = "LETHE_STAGE_LOCK_TIMEOUT"  # seconds; unset = wait as long a
 _WAIT_MESSAGE_EVERY_S = 300.0
 _POLL_S = 0.2
 # `_<name>.<pid>.<8 hex>.tmp`: "_" hides it from Parquet dataset readers; pid + random
-# part make concurrent writers of one file never share a temporary name.
-_TEMP_NAME = re.compile(r"^_.+\.\d+\.[0-9a-f]{8}\.tmp$")
+# part make concurrent writers of one file never share a temporary name. The pattern also
+# matches `_<name>.<uuid hex>.tmp` (writers that draw a uuid instead).
+_TEMP_NAME = re.compile(r"^_.+\.(\d+\.)?[0-9a-f]{8,32}\.tmp$")
 # Names the writers used before atomic_path (still found in folders of older runs).
 _LEGACY_TEMP = re.compile(r"\.(json|parquet|jsonl|txt)\.tmp$")
 

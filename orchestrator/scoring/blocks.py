@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from orchestrator.cache import (
+    atomic_write_json,
+    clean_stale_temps,
+    parquet_problem,
+    validate_parquet,
+)
 
 # Leading "_": pyarrow.dataset and Ray skip it when the folder is read as a Parquet dataset.
 PLAN_FILE = "_plan.json"
@@ -68,6 +74,7 @@ class BlockPlan:
         plan_file = Path(out_dir) / PLAN_FILE
         body = {"block_rows": self.block_rows, "num_blocks": self.num_blocks, "digest": self.digest}
         if plan_file.is_file() and json.loads(plan_file.read_text()) == body:
+            self.drop_invalid_parts(out_dir)
             return
         stale = score_files(out_dir)
         if stale:
@@ -75,6 +82,21 @@ class BlockPlan:
                   f"plan; recomputing them")
             for p in stale:
                 p.unlink()
-        tmp = plan_file.with_name(PLAN_FILE + ".tmp")
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, plan_file)
+        atomic_write_json(plan_file, body)
+
+    # ------------------------------------------------------------------ fault handling (H6)
+    def drop_invalid_parts(self, out_dir: Path) -> list[int]:
+        """A part file counts as done only when its Parquet footer reads back with this
+        plan's row count: a truncated or foreign file (a killed writer, a disk that filled
+        up, a copy gone wrong) is removed, so the block is recomputed instead of failing
+        every later read. Temporary files of killed writers are removed too."""
+        clean_stale_temps(out_dir)
+        dropped = []
+        for b in range(self.num_blocks):
+            path = part_path(out_dir, b)
+            if path.exists() and not validate_parquet(path, self.block_size(b)):
+                print(f"scoring: {path.name} is invalid ({parquet_problem(path, self.block_size(b))}); "
+                      f"recomputing block {b}")
+                path.unlink()
+                dropped.append(b)
+        return dropped
