@@ -124,6 +124,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def commit_temp(tmp: str | Path, final: str | Path) -> None:
+    """Make a finished temporary file the real one: fsync its bytes, rename, fsync the folder
+    (for writers that stream into `temp_path(final)` themselves)."""
+    with Path(tmp).open("rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(Path(final).parent)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed onto `path`.
@@ -135,16 +144,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temp_path(final)
     try:
         yield tmp
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        commit_temp(tmp, final)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and str(final) not in str(exc):
             code = exc.errno if exc.errno is not None else _errno_from_text(str(exc))
             raise OSError(code, f"{exc.strerror or exc} (writing {final})") from exc
         raise
-    _fsync_dir(final.parent)
 
 
 def _errno_from_text(text: str) -> int:

@@ -8,7 +8,6 @@ removed; the full JSON-safe results are written to `eval_results.json` beside th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cache import atomic_write_json
 from orchestrator.config import EvaluateConfig
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,7 @@ def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None
             "lm_eval": raw,
         }
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=True))
-        tmp.replace(target)  # atomic: a reader never sees half a file
+        # atomic: a reader never sees half a file
+        atomic_write_json(target, json_safe(payload), sort_keys=True)
         log.info("wrote %s", target)
     return metrics

@@ -15,15 +15,14 @@ threshold), histogram.png.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.cache import atomic_path, atomic_write_json, commit_temp, temp_path
 from orchestrator.config import PartitionConfig
 from orchestrator.method.partition import (
     global_threshold,
@@ -107,9 +106,8 @@ def _classify_batch(table: pa.Table, index: list[dict], mode: str, rho: float,
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name("_" + path.name + ".tmp")  # hidden from dataset readers
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # "_"-prefixed temp: hidden from dataset readers
+        pq.write_table(table, tmp)
 
 
 def _in_memory(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_path: Path):
@@ -164,7 +162,7 @@ def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # deterministic row order in the output file
-    tmp = out_path.with_name("_" + out_path.name + ".tmp")
+    tmp = temp_path(out_path)
     flat: dict[str, list[np.ndarray]] = {c: [] for c in _STATS_COLUMNS}
     n_samples = n_pos = n_resp = 0
     writer = None
@@ -188,7 +186,7 @@ def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out
             writer.close()
     if writer is None:
         raise ValueError(f"{tokens_path}: no token rows to partition")
-    os.replace(tmp, out_path)
+    commit_temp(tmp, out_path)
     scores, classes, noise = (np.concatenate(flat[c]) for c in _STATS_COLUMNS)
     info.update(n_samples=n_samples, exact_n_tokens=n_resp, exact_n_positive=n_pos)
     return scores, classes, (noise if has_noise else None), info
@@ -246,9 +244,7 @@ def run_partition(
     }
     if cfg.mode == "global":
         report["threshold"] = report["global_threshold"]
-    tmp = out_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "report.json")
+    atomic_write_json(out_dir / "report.json", report)
     plot_histogram(scores, classes, noise, report["threshold"] if cfg.mode == "global" else None,
                    cfg.histogram_bins, out_dir / "histogram.png")
     print(f"partition ({info['path']}, {cfg.mode}, rho={cfg.rho}): {n_pos} positive / "

@@ -9,9 +9,7 @@ DeepSpeed hooks, partition stubs or peft wrappers in the exported folder.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orchestrator.cache import atomic_write_json
 from orchestrator.config import ModelSpec, TrainConfig
 
 
@@ -87,6 +86,4 @@ def _finite_or_none(obj: Any) -> Any:
 
 
 def write_json_atomic(path: Path, body: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite_or_none(body), indent=2, default=str, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_json(path, _finite_or_none(body), indent=2, default=str, allow_nan=False)
