@@ -319,3 +319,48 @@ def test_submit_prints_names_never_values(monkeypatch, capsys):
     assert seen["runtime_env"]["env_vars"]["HF_TOKEN"] == SECRET
     assert SECRET not in out.out + out.err
     assert "HF_TOKEN" in out.out and "MLFLOW_TRACKING_TOKEN" in out.out
+
+
+# ----------------------------------------------------------------------------- init_ray
+
+
+def _init_calls(monkeypatch, address):
+    import ray
+
+    from orchestrator.config import config_from_dict
+    from orchestrator.pipeline.run import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    cfg = config_from_dict({"name": "t", "models": [{"name": "m", "family": "llama",
+                                                     "pretrained": "org/model"}],
+                            "ray": {"address": address, "num_cpus": 3}})
+    init_ray(cfg)
+    assert len(calls) == 1
+    return calls[0]
+
+
+@pytest.mark.parametrize("address", [None, "local"])
+def test_embedded_instance_never_joins_a_running_head(monkeypatch, address):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    kw = _init_calls(monkeypatch, address)
+    # ray.init() without an address joins a head found on this machine; "local" never does.
+    assert kw["address"] == "local" and kw["num_cpus"] == 3
+    assert "HF_TOKEN" not in kw["runtime_env"]["env_vars"]  # local workers inherit the shell
+
+
+def test_remote_address_forwards_credentials_without_printing_them(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for var in ("HF_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "AWS_ACCESS_KEY_ID"):
+        monkeypatch.setenv(var, SECRET)
+    kw = _init_calls(monkeypatch, "ray://head.example:10001")
+    assert kw["address"] == "ray://head.example:10001"
+    ev = kw["runtime_env"]["env_vars"]
+    assert ev["HF_TOKEN"] == SECRET and ev["AWS_ACCESS_KEY_ID"] == SECRET
+    assert ev["MLFLOW_TRACKING_PASSWORD"] == SECRET
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+    assert "HF_TOKEN" in out.out

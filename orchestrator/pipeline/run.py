@@ -56,15 +56,23 @@ def init_ray(cfg: ExperimentConfig) -> None:
                  "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
                  "MLFLOW_TRACKING_URI")
     env = {k: os.environ[k] for k in forwarded if k in os.environ}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
+    if cfg.ray.address and cfg.ray.address != "local":
+        from orchestrator.pipeline.credentials import credential_env, describe
+
+        # A remote cluster's workers never see this shell: gated models, an authenticated
+        # MLflow server and S3 need the credentials there. Names are printed, never values.
+        creds = credential_env()
+        print(f"[lethe] ray.address={cfg.ray.address}: {describe(creds)}", flush=True)
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": {**env, **creds}})
     elif os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit`: the job's runtime env (cluster/runtime_env*.yaml) is the
         # one source of env vars; Ray refuses a driver env that repeats its keys.
         ray.init()
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env})
+        # The embedded instance: address="local" always starts a fresh one; a bare ray.init()
+        # would join any Ray head already running on this machine (its resources, its env).
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env={"env_vars": env})
 
 
 class TrainingSlots:

@@ -90,8 +90,9 @@ def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str,
 
 
 def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_ident: Any) -> StageOut:
-    """The base model: a tiny model built from config (+ locally trained tokenizer), or a
-    pretrained model used in place (then this stage only records its identity)."""
+    """The base model: a tiny model built from config (+ locally trained tokenizer), a GGUF
+    file de-quantized into a plain HF folder, or a pretrained model used in place (then
+    this stage only records its identity)."""
     from orchestrator.data import corpus_texts
     from orchestrator.models import materialize_base
 
@@ -103,6 +104,16 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
             (st.dir / "model_path.txt").write_text(spec.pretrained)
             st.mark_done({"model_path": spec.pretrained})
         return StageOut(st.key, st.dir, True)
+    if spec.gguf is not None:
+        # De-quantized once, keyed by the file's content: downstream reads a plain HF folder.
+        from orchestrator.models.gguf import gguf_fingerprint
+
+        inputs = {"spec": spec.model_dump(mode="json"), "gguf": gguf_fingerprint(spec)}
+        st, cached = _open(cfg, "base", inputs)
+        if not cached:
+            materialize_base(spec, [], st.dir / "model")
+            st.mark_done({"model_path": str(st.dir / "model")})
+        return StageOut(st.key, st.dir, cached)
     inputs = {"spec": spec.model_dump(mode="json"), "corpus": rows_ident, "seed": cfg.seed}
     st, cached = _open(cfg, "base", inputs)
     if not cached:
@@ -218,31 +229,73 @@ def partition_report(partition: StageOut) -> dict[str, Any]:
     return dict(json.loads((partition.dir / "_SUCCESS.json").read_text())["report"])
 
 
+@dataclass(frozen=True)
+class TrainRequest:
+    """One (method, seed) fine-tuning of a model family. `data` is the partition stage for
+    ignore / forget, the tokens stage for sft (whose key therefore does not depend on rho)."""
+
+    data: StageOut
+    method: str
+    seed: int
+    mlflow_target: Any = None
+    callbacks: tuple[Any, ...] = ()
+    train_overrides: tuple[tuple[str, Any], ...] = ()
+
+
 def train_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, data: StageOut,
                 valid: StageOut | None, method: str, seed: int, mlflow_target: Any = None,
                 callbacks: list[Any] | None = None, train_overrides: dict[str, Any] | None = None,
                 ) -> StageOut:
-    """Fine-tune the base with one objective. `data` is the partition stage for ignore /
-    forget, the tokens stage for sft (whose key therefore does not depend on rho)."""
+    """Fine-tune the base with one objective (one cached stage, one Ray Train run)."""
+    req = TrainRequest(data, method, seed, mlflow_target, tuple(callbacks or ()),
+                       tuple((train_overrides or {}).items()))
+    return train_stages(cfg, spec, base, valid, [req])[0]
 
-    updates = {"seed": seed, **(train_overrides or {})}
-    parquet = data.dir / ("tokens.parquet" if method == "sft" else "partitioned.parquet")
-    inputs = {"base": base.key, "data": data.key, "method": method,
-              "train": _train_cfg_for_key(cfg, **updates)}
-    if method == "sft":  # lambda / negative term do not touch plain SFT
-        inputs["train"].pop("lambda")
-        inputs["train"].pop("negative_term")
-    st, cached = _open(cfg, "train", inputs)
-    if not cached:
-        _train_into(
-            st, train_path=str(parquet), base_model_path=model_path(base), model=spec,
-            train=cfg.train.model_copy(update=updates), method=method,
-            class_column="response_mask" if method == "sft" else "token_class",
-            run_name=f"{spec.name}-{method}-s{seed}-{st.key}",
+
+def train_stages(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, valid: StageOut | None,
+                 requests: list[TrainRequest]) -> list[StageOut]:
+    """Fine-tune the base once per request: each request is its own cached stage, and the
+    uncached ones train one after the other in ONE Ray Train run (one worker group start-up
+    for all of a family's methods x seeds)."""
+    from orchestrator.cache import content_hash
+    from orchestrator.training import TrainJob, run_trainings
+
+    opened: list[tuple[Stage, bool, TrainRequest]] = []
+    jobs: list[TrainJob] = []
+    for req in requests:
+        updates = {"seed": req.seed, **dict(req.train_overrides)}
+        parquet = req.data.dir / ("tokens.parquet" if req.method == "sft" else "partitioned.parquet")
+        inputs = {"base": base.key, "data": req.data.key, "method": req.method,
+                  "train": _train_cfg_for_key(cfg, **updates)}
+        if req.method == "sft":  # lambda / negative term do not touch plain SFT
+            inputs["train"].pop("lambda")
+            inputs["train"].pop("negative_term")
+        st, cached = _open(cfg, "train", inputs)
+        opened.append((st, cached, req))
+        if cached:
+            continue
+        jobs.append(TrainJob(
+            output_dir=str(st.dir / "run"), storage_path=str(st.dir / "ray"),
+            train_path=str(parquet), base_model_path=model_path(base), model=spec,
+            train=cfg.train.model_copy(update=updates), method=req.method,
+            class_column="response_mask" if req.method == "sft" else "token_class",
+            run_name=f"{spec.name}-{req.method}-s{req.seed}-{st.key}",
             validation_path=str(valid.dir / "tokens.parquet") if valid else None,
-            mlflow=mlflow_target, callbacks=list(callbacks or []),
-        )
-    return StageOut(st.key, st.dir, cached)
+            mlflow=req.mlflow_target, callbacks=list(req.callbacks),
+        ))
+    if jobs:
+        if len(jobs) == 1:
+            name, storage = jobs[0].run_name, jobs[0].storage_path
+        else:  # a name of its own, stable over reruns, for the shared worker group
+            group = content_hash(sorted(j.run_name for j in jobs))
+            name = f"{spec.name}-train-group-{group}"
+            storage = str(stages_root(cfg) / "train-groups" / group)
+        results = iter(run_trainings(jobs, run_name=name, storage_path=storage))
+        for st, cached, _ in opened:
+            if not cached:
+                result = next(results)
+                st.mark_done({"model_path": result.export_dir, "metrics": result.metrics})
+    return [StageOut(st.key, st.dir, cached) for st, cached, _ in opened]
 
 
 def stage_metrics(out: StageOut) -> dict[str, Any]:

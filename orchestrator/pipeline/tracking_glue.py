@@ -114,6 +114,9 @@ class PipelineTracking:
             return
         run = self.child(spec, "partition", "-")
         run.log_partition_stats(report)
+        by_kind = report.get("noise_by_kind") or {}  # recall / AUROC per noise kind
+        run.log_metrics({f"partition/noise_kind/{kind}/{k}": v
+                         for kind, stats in by_kind.items() for k, v in stats.items()})
         for name in ("histogram.png", "report.json"):
             if (stage_dir / name).is_file():
                 run.log_artifact(stage_dir / name, "partition")
@@ -143,6 +146,11 @@ class PipelineTracking:
             name, method, seed = label.split("/")
             run = self.child(specs[name], method, seed.lstrip("s"), extra_tags)
             run.log_eval_metrics(metrics)
+            if self.cfg.evaluate.benchmarks:  # the paper's headline per run, beside its tasks
+                from orchestrator.evaluation.benchmarks import benchmark_scores, flatten_metrics
+
+                head = benchmark_scores(flatten_metrics(metrics), self.cfg.evaluate.benchmarks)
+                run.log_metrics({f"headline/{k}": v for k, v in head.items()})
             if (dirs[label] / "eval_results.json").is_file():
                 run.log_artifact(dirs[label] / "eval_results.json", "eval")
 
@@ -155,16 +163,22 @@ class PipelineTracking:
         for run in self._children.values():
             run.end("FINISHED")
 
-    def finish(self, wall_s: float, compare: bool = True) -> None:
+    def finish(self, wall_s: float, compare: bool = True,
+               timeline: dict[str, Any] | None = None) -> None:
         if not self.enabled or self.parent is None:
             return
         self.parent.log_metrics({"pipeline_wall_s": wall_s})
+        if timeline is not None:  # where the wall time went (orchestrator/pipeline/timeline.py)
+            self.parent.log_metrics({"timeline/compute_s": timeline["compute_seconds"],
+                                     "timeline/overhead_fraction": timeline["overhead_fraction"]})
+            self.parent.log_dict(timeline, "timeline.json")
         self.finish_children()
         if compare:
-            from orchestrator.tracking.compare import cli_compare
+            from orchestrator.tracking.compare import CompareOrder, cli_compare
 
             cli_compare(self.tracker.uri, self.tracker.experiment, self.root / "compare",
-                        parent_run_id=self.parent.run_id, print_table=False)
+                        parent_run_id=self.parent.run_id, print_table=False,
+                        order=CompareOrder.from_config(self.cfg))
         self.tracker.end_parent("FINISHED")
 
     def fail(self) -> None:
@@ -176,10 +190,11 @@ class PipelineTracking:
     def comparison_text(self) -> str:
         if not self.enabled:
             return "(tracking disabled: no comparison table)"
-        from orchestrator.tracking.compare import compare, format_table
+        from orchestrator.tracking.compare import CompareOrder, comparison_report
 
         parent = self.parent.run_id if self.parent is not None else None
-        return format_table(compare(self.tracker.uri, self.tracker.experiment, parent_run_id=parent))
+        return comparison_report(self.tracker.uri, self.tracker.experiment, parent_run_id=parent,
+                                 order=CompareOrder.from_config(self.cfg))
 
     def log_sweep(self, rows: list[dict[str, Any]], metric: str, best_path: Path, table: str) -> None:
         """The sweep's table, best config and a metric-vs-(lambda, rho) plot on the parent."""

@@ -4,7 +4,7 @@ export. See docs/ARCHITECTURE.md for the public contract (`run_training`,
 
 from orchestrator.training.job import MlflowTarget, SubsetSpec, TrainJob, TrainResult
 from orchestrator.training.loop import NonFiniteLossError, train_loop_per_worker
-from orchestrator.training.stage import run_training, run_training_local
+from orchestrator.training.stage import run_training, run_training_local, run_trainings
 
 __all__ = [
     "MlflowTarget",
@@ -14,5 +14,6 @@ __all__ = [
     "TrainResult",
     "run_training",
     "run_training_local",
+    "run_trainings",
     "train_loop_per_worker",
 ]

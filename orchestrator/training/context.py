@@ -19,13 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 
 from orchestrator.training.data import TokenRows, read_table, rows_from_table, shard_for_rank
 
 COMPLETE = "_COMPLETE"
+
+
+def require_cuda(why: str) -> None:
+    """Fail clearly instead of training on CPU when the config asked for GPUs."""
+    if torch.cuda.is_available():
+        return
+    build = torch.version.cuda
+    hint = ("this torch is a CPU-only build (torch " + torch.__version__ + "): install the CUDA "
+            "wheel matching the node's driver" if build is None else
+            f"torch {torch.__version__} (CUDA {build}) sees no device: check the driver "
+            "(nvidia-smi), CUDA_VISIBLE_DEVICES and that the worker was given a GPU")
+    raise RuntimeError(f"{why}, but no CUDA device is visible to this process: {hint}. "
+                       "Set train.use_gpu=false to train on CPU.")
 
 
 def _free_port() -> int:
@@ -45,7 +57,8 @@ class LocalContext:
         self.metrics_log: list[dict[str, Any]] = []
 
     def device(self, use_gpu: bool) -> torch.device:
-        if use_gpu and torch.cuda.is_available():
+        if use_gpu:
+            require_cuda("train.use_gpu is true")
             torch.cuda.set_device(0)
             return torch.device("cuda", 0)
         return torch.device("cpu")
@@ -63,11 +76,14 @@ class LocalContext:
         if getattr(self, "_owns_group", False) and dist.is_initialized():
             dist.destroy_process_group()
 
+    def use_job(self, config: dict[str, Any]) -> None:
+        """The next job of this worker (several jobs can share one worker group)."""
+        self.config = config
+        self.run_dir = Path(config["storage_path"]) / config["run_name"]
+        self.checkpoint_root = self.run_dir / "checkpoints"
+
     def train_rows(self) -> TokenRows:
-        cfg = self.config
-        keep = np.asarray(cfg["keep_sample_ids"]) if cfg.get("keep_sample_ids") is not None else None
-        table = read_table(cfg["train_path"], ["sample_id", "input_ids", cfg["class_column"]], keep)
-        return shard_for_rank(rows_from_table(table, cfg["class_column"]), 0, 1)
+        return read_rank_shard(self.config, 0, 1)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         self.metrics_log.append(dict(metrics))
@@ -102,7 +118,8 @@ class RayContext:
     def device(self, use_gpu: bool) -> torch.device:
         # Ray Train may narrow CUDA_VISIBLE_DEVICES per worker, so the local rank is not
         # necessarily the CUDA index; Ray knows which device this worker owns.
-        if use_gpu and torch.cuda.is_available():
+        if use_gpu:
+            require_cuda(f"train.use_gpu is true (Ray Train worker rank {self.rank})")
             from ray.train.torch import get_device
 
             dev = get_device()
@@ -117,19 +134,24 @@ class RayContext:
     def close(self) -> None:  # Ray Train owns the process group
         pass
 
+    def use_job(self, config: dict[str, Any]) -> None:
+        self.config = config
+
     def train_rows(self) -> TokenRows:
-        """This worker's shard of the Ray Dataset, held locally (sorted by sample_id)."""
-        shard = self._train.get_dataset_shard("train")
-        tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
-        if not tables:
-            raise ValueError(f"rank {self.rank}: empty training shard")
-        table = pa.concat_tables(tables)
-        return rows_from_table(table, self.config["class_column"])
+        """This rank's fixed shard, read straight from the job's Parquet file (shared storage).
+
+        A streaming split hands blocks to whichever worker asks first, so the rows of a rank
+        could change between runs and after a restart; a rank-strided shard of the rows
+        sorted by sample_id cannot.
+        """
+        return read_rank_shard(self.config, self.rank, self.world_size)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         ckpt = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        # Same name on every rank: Ray merges the ranks' shard files into one folder.
-        name = f"checkpoint_{step:08d}" if checkpoint_dir else None
+        # Same name on every rank: Ray merges the ranks' shard files into one folder. The
+        # job's name keeps the checkpoints of jobs sharing this worker group apart.
+        job = self.config["run_name"][-12:]
+        name = f"checkpoint_{job}_{step:08d}" if checkpoint_dir else None
         self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
     @contextlib.contextmanager
@@ -140,6 +162,15 @@ class RayContext:
             return
         with ckpt.as_directory() as d:
             yield Path(d)
+
+
+def read_rank_shard(config: dict[str, Any], rank: int, world: int) -> TokenRows:
+    """Rows of the job's training file (its subset, when it has one), rank-strided."""
+    keep = config.get("keep_sample_ids")
+    keep = np.asarray(keep) if keep is not None else None
+    table = read_table(config["train_path"], ["sample_id", "input_ids", config["class_column"]],
+                       keep)
+    return shard_for_rank(rows_from_table(table, config["class_column"]), rank, world)
 
 
 def make_context(config: dict[str, Any]) -> LocalContext | RayContext:

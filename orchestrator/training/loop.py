@@ -25,6 +25,7 @@ import torch.distributed as dist
 from orchestrator.config import ModelSpec, TrainConfig
 from orchestrator.method.schedules import lambda_at
 from orchestrator.models import load_model, load_tokenizer, resolve_dtype
+from orchestrator.training import distributed
 from orchestrator.training.collate import IGNORE_INDEX, collate
 from orchestrator.training.context import LocalContext, RayContext, make_context
 from orchestrator.training.data import StepPlan, TokenRows, read_table, rows_from_table
@@ -59,12 +60,13 @@ class TrainerState:
     train_seconds: float = 0.0
     world_size: int = 1
     mlflow_run_id: str | None = None
+    job: str | None = None  # run name of the job (several jobs share one Ray Train run)
 
 
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
-    return t
+    # Through the one helper: it moves host tensors to the current CUDA device under NCCL
+    # (which has no CPU backend) and back, so every call site works with any backend.
+    return distributed.all_reduce(t, op=op)
 
 
 def _seed(seed: int) -> None:
@@ -189,19 +191,42 @@ def _report_every(total: int) -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Train one model. `config` is TrainJob.to_dict() plus what the driver resolved:
-    `backend` ("ray" or local), `deepspeed_config` (dict or None), `keep_sample_ids`.
-    Returns the final metrics (also reported and, on rank 0, written to metrics.json)."""
+    """Train one model, or several one after the other (`config["jobs"]`: a list of such
+    configs sharing this worker group). A config is TrainJob.to_dict() plus what the driver
+    resolved: `backend` ("ray" or local), `deepspeed_config` (dict or None),
+    `keep_sample_ids`. Returns the (last) job's final metrics (also reported and, on rank 0,
+    written to each job's metrics.json)."""
     _quiet_per_report_logs()
-    ctx = make_context(config)
-    spec = ModelSpec.model_validate(config["model"])
-    train = TrainConfig.model_validate(config["train"])
+    jobs = config.get("jobs") or [config]
+    ctx = make_context(jobs[0])
+    train = TrainConfig.model_validate(jobs[0]["train"])
     device = ctx.device(train.use_gpu)
     ctx.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    final: dict[str, Any] = {}
     try:
-        return _train(config, ctx, spec, train, device)
+        for job in jobs:
+            if _job_finished(job):  # exported before a restart of this worker group
+                continue
+            ctx.use_job(job)
+            spec = ModelSpec.model_validate(job["model"])
+            final = _train(job, ctx, spec, TrainConfig.model_validate(job["train"]), device)
+            _release_memory(device)
+        return final
     finally:
         ctx.close()
+
+
+def _job_finished(config: dict[str, Any]) -> bool:
+    """metrics.json is written by rank 0 after the export, before the closing barrier."""
+    return (Path(config["output_dir"]) / "metrics.json").is_file()
+
+
+def _release_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _quiet_per_report_logs() -> None:
@@ -219,6 +244,7 @@ def _quiet_per_report_logs() -> None:
 
 def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSpec,
            train: TrainConfig, device: torch.device) -> dict[str, Any]:
+    t_start = time.time()
     rank, world = ctx.rank, ctx.world_size
     micro, gas, method = train.micro_batch_size, train.grad_accum_steps, config["method"]
     rows = ctx.train_rows()
@@ -230,13 +256,19 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
     pad_id = load_tokenizer(spec, config["base_model_path"]).pad_token_id or 0
     val_rows = load_validation(config, rank, world)
     engine = build_engine(config, spec, train, plan, world, device)
+    # from_pretrained returns eval mode, and without a validation split nothing else would
+    # switch it: gradient checkpointing (HF checks self.training) and dropout would be off.
+    engine.train(True)
     _seed(train.seed + 1000 * rank)  # distinct dropout streams per rank
 
-    state = TrainerState(world_size=world)
+    state = TrainerState(world_size=world, job=config["run_name"])
     resumed_from = 0
     with ctx.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
             saved = TrainerState(**json.loads((ckpt_dir / STATE_FILE).read_text()))
+        if ckpt_dir is not None and saved.job not in (None, config["run_name"]):
+            ckpt_dir = None  # the latest checkpoint of this worker group is an earlier job's
+        if ckpt_dir is not None:
             if saved.world_size != world:
                 raise RuntimeError(f"checkpoint {ckpt_dir} was written by {saved.world_size} "
                                    f"workers, this run has {world}: ZeRO shards do not re-split")
@@ -253,6 +285,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
     if val_rows is not None:
         val_loss = validate(engine, val_rows, micro, pad_id, device)
 
+    t_ready = time.time()
     lam_cfg = train.lambda_
     log_every, report_every = _log_every(total), _report_every(total)
     # Running sums since the last report: pos CE, n_pos, neg CE, n_neg, tokens.
@@ -341,6 +374,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
     if not metrics and val_loss is not None:  # resumed at the last step: nothing trained
         metrics = {"val_loss": val_loss, "val_loss_step": val_step}
     metrics["resumed_from_step"] = resumed_from
+    metrics["timing"] = {"start": t_start, "ready": t_ready, "trained": time.time()}
     final = _finish(config, engine, spec, train, device, state, metrics, rank)
     curves.finish()
     return final
@@ -360,9 +394,10 @@ def _finish(config, engine, spec, train, device, state, metrics, rank) -> dict[s
         dtype = next(iter(full.values())).dtype if full else torch.float32
         save_hf_folder(full, base_path=config["base_model_path"], spec=spec, train=train,
                        dtype=dtype, out_dir=out_dir / "model")
+        final["timing"] = {**final.get("timing", {}), "end": time.time()}
         write_json_atomic(out_dir / "metrics.json", final)
-    if dist.is_initialized():
-        dist.barrier()
+    # Long-timeout gloo barrier: rank 0 may write for minutes; an NCCL wait would time out.
+    distributed.barrier(long_wait=True)
     return final
 
 

@@ -1,8 +1,10 @@
-"""The Ray Train driver: `run_training(job)` builds a V2 TorchTrainer around the plain loop.
+"""The Ray Train driver: `run_trainings(jobs)` builds one V2 TorchTrainer around the plain
+loop and trains the jobs one after the other in its worker group (`run_training(job)` is the
+one-job case).
 
-Resume is by name: rerunning with the same `run_name` and `storage_path` makes
+Resume is by name: rerunning with the same run name and storage path makes
 `ray.train.get_checkpoint()` return the latest checkpoint inside the workers (in Ray 2.60,
-TorchTrainer(resume_from_checkpoint=...) raises). A finished run (its `_SUCCESS.json`
+TorchTrainer(resume_from_checkpoint=...) raises). A finished job (its `_SUCCESS.json`
 beside the export) is returned from disk without starting Ray Train.
 """
 
@@ -14,9 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchestrator.training.data import select_subset
@@ -24,15 +23,6 @@ from orchestrator.training.deepspeed_setup import load_deepspeed_config
 from orchestrator.training.export import write_json_atomic
 from orchestrator.training.job import TrainJob, TrainResult
 from orchestrator.training.loop import train_loop_per_worker
-
-
-def _keep_filter(keep: np.ndarray):
-    keep_arr = pa.array(keep)
-
-    def _filter(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch.column("sample_id"), keep_arr))
-
-    return _filter
 
 
 def planned_updates(n_rows: int, world: int, micro: int, gas: int, epochs: float,
@@ -47,67 +37,113 @@ def planned_updates(n_rows: int, world: int, micro: int, gas: int, epochs: float
 
 
 def loop_config(job: TrainJob, backend: str) -> dict[str, Any]:
-    """What every worker receives: the job as a dict plus what the driver resolved once."""
+    """What every worker receives: the job as a dict plus what the driver resolved once.
+
+    The subset's sample ids are resolved here for every backend: workers read their rows
+    straight from the Parquet file with a fixed rank-strided shard, so which rows a rank sees
+    never depends on scheduling, and is the same after a restart.
+    """
     train = job.train_config()
     cfg = {**job.to_dict(), **job.test_hooks, "backend": backend,
            "deepspeed_config": load_deepspeed_config(train.deepspeed) if train.deepspeed else None}
-    if backend != "ray" and job.subset is not None:  # Ray filters in the Dataset instead
+    if job.subset is not None:
         ids = pq.read_table(job.train_path, columns=["sample_id"]).column("sample_id").to_numpy()
         cfg["keep_sample_ids"] = select_subset(ids, job.subset).tolist()
     return cfg
 
 
-def run_training(job: TrainJob) -> TrainResult:
-    """Train (or resume, or return the cached result of) one model; see the module doc."""
-    if job.success_path.is_file():
-        return TrainResult.load(job.success_path)
-    import ray
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def _planned(job: TrainJob) -> int:
     train = job.train_config()
     if not Path(job.train_path).exists():
         raise FileNotFoundError(f"training data not found: {job.train_path}")
-    columns = ["sample_id", "input_ids", job.class_column]
-    ds = ray.data.read_parquet(job.train_path, columns=columns)
-    n_rows = pq.ParquetFile(job.train_path).metadata.num_rows if Path(job.train_path).is_file() \
-        else ds.count()
     if job.subset is not None:
         ids = pq.read_table(job.train_path, columns=["sample_id"]).column("sample_id").to_numpy()
-        keep = select_subset(ids, job.subset)
-        n_rows = len(keep)
-        ds = ds.map_batches(_keep_filter(keep), batch_format="pyarrow", batch_size=None)
-    planned = planned_updates(n_rows, train.num_workers, train.micro_batch_size,
-                              train.grad_accum_steps, train.epochs, train.max_steps)
+        n_rows = len(select_subset(ids, job.subset))
+    else:
+        n_rows = pq.ParquetFile(job.train_path).metadata.num_rows
+    return planned_updates(n_rows, train.num_workers, train.micro_batch_size,
+                           train.grad_accum_steps, train.epochs, train.max_steps)
 
+
+def _group_key(job: TrainJob) -> tuple:
+    """Jobs can share one worker group when they ask for the same workers."""
+    t = job.train_config()
+    return (t.num_workers, t.use_gpu, t.cpus_per_worker, t.gpus_per_worker, t.max_failures)
+
+
+def run_training(job: TrainJob) -> TrainResult:
+    """Train (or resume, or return the cached result of) one model; see the module doc."""
+    return run_trainings([job])[0]
+
+
+def run_trainings(jobs: list[TrainJob], run_name: str | None = None,
+                  storage_path: str | None = None) -> list[TrainResult]:
+    """Train several models, one after the other, in ONE Ray Train run (one worker group).
+
+    A Ray Train run costs tens of seconds of start-up (worker processes, imports, process
+    group) before its first step: on a small model that is most of the run. Jobs of one
+    model family (methods x seeds) ask for the same workers, so they share them: each job
+    still has its own output folder, metrics, MLflow run and export. A finished job (its
+    `_SUCCESS.json`) is skipped; after a failure the run restarts, workers skip the jobs whose
+    export is complete and resume the interrupted one from its last checkpoint.
+    """
+    pending = [j for j in jobs if not j.success_path.is_file()]
+    if pending:
+        keys = {_group_key(j) for j in pending}
+        if len(keys) > 1:
+            raise ValueError(f"run_trainings: jobs ask for different worker groups: {sorted(keys)}")
+        # Name and storage must not depend on which jobs are still pending: a rerun after a
+        # failure has to find the interrupted job's checkpoints under the same run.
+        _fit(pending, run_name or jobs[0].run_name, storage_path or jobs[0].storage_path)
+    pending_ids = {id(j) for j in pending}
+    return [_collect(j) if id(j) in pending_ids else TrainResult.load(j.success_path)
+            for j in jobs]
+
+
+def _fit(jobs: list[TrainJob], run_name: str, storage_path: str) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = jobs[0].train_config()
+    planned = {j.run_name: _planned(j) for j in jobs}
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker or 1.0
+    callbacks = [cb for j in jobs for cb in j.callbacks]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(job, "ray"),
+        train_loop_config={"jobs": [loop_config(j, "ray") for j in jobs]},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=job.run_name,
-            storage_path=str(Path(job.storage_path).resolve()),
+            name=run_name,
+            storage_path=str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=list(job.callbacks) or None,
+            callbacks=callbacks or None,
         ),
-        datasets={"train": ds},
     )
-    started = time.perf_counter()
+    started = time.time()
     result = trainer.fit()
+    for job in jobs:
+        metrics_path = Path(job.output_dir) / "metrics.json"
+        if not metrics_path.is_file():
+            raise RuntimeError(f"training run {run_name} ended without {metrics_path} "
+                               f"(Ray result error: {getattr(result, 'error', None)})")
+        metrics = json.loads(metrics_path.read_text())
+        metrics["planned_steps"] = planned[job.run_name]
+        metrics["run_started_at"] = started  # the worker group's start: its start-up cost
+        metrics["run_jobs"] = len(jobs)
+        metrics["run_first_job"] = job is jobs[0]
+        write_json_atomic(metrics_path, metrics)
+
+
+def _collect(job: TrainJob) -> TrainResult:
     metrics_path = Path(job.output_dir) / "metrics.json"
-    if not metrics_path.is_file():
-        raise RuntimeError(f"training run {job.run_name} ended without {metrics_path} "
-                           f"(Ray result error: {getattr(result, 'error', None)})")
     metrics = json.loads(metrics_path.read_text())
-    metrics["wall_seconds"] = time.perf_counter() - started
-    metrics["planned_steps"] = planned
-    write_json_atomic(metrics_path, metrics)
+    timing = metrics.get("timing") or {}
+    if timing:
+        metrics["wall_seconds"] = timing["end"] - timing["start"]
     out = TrainResult(export_dir=str(job.export_dir), metrics_path=str(metrics_path),
                       metrics=metrics, steps=int(metrics["steps"]))
     write_json_atomic(job.success_path, {"job": job.to_dict(), "result": out.to_dict()})

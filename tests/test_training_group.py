@@ -1,0 +1,67 @@
+"""Several jobs in ONE Ray Train run (one worker group): the pipeline trains all of a model
+family's (method, seed) jobs this way to pay the worker-group start-up once.
+
+One run trains sft and forget; the forget job fails once after a checkpoint and the worker
+group restarts. The restarted group must skip the finished sft job (not train it again) and
+resume forget from its checkpoint, and both exports must equal jobs trained alone without
+Ray (same rows: the rank shard is read straight from Parquet)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training_support import make_base, make_corpus, make_job
+
+from orchestrator.training import run_training_local, run_trainings
+from orchestrator.training.loop import FAIL_MARKER
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+COMMON = {"num_workers": 1, "micro_batch_size": 8, "grad_accum_steps": 1, "epochs": 2.0,
+          "lr": 1e-2, "warmup_ratio": 0.0, "deepspeed": None, "checkpoint_every": 4,
+          "max_failures": 1, "lambda": {"t_max": 0.5}}
+
+
+def _weights(result) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(result.export_dir) / "model.safetensors"))
+
+
+def test_jobs_share_one_worker_group_and_resume_after_a_failure(ray_local, tmp_path):
+    base = make_base(tmp_path / "base")
+    data = make_corpus(tmp_path / "corpus.parquet", n=64)
+    sft = make_job(tmp_path / "group", base, data, method="sft", name="g-sft", **COMMON)
+    forget = make_job(tmp_path / "group", base, data, method="forget", name="g-forget", **COMMON)
+    forget.test_hooks = {"_fail_once_at_step": 8}
+    storage = str(tmp_path / "group-run")
+
+    results = run_trainings([sft, forget], run_name="family-group", storage_path=storage)
+
+    assert (Path(forget.storage_path) / forget.run_name / FAIL_MARKER).exists()  # it did fail
+    r_sft, r_forget = results
+    # 64 rows, micro 8: 8 steps an epoch, 16 in 2 epochs; forget resumed at its checkpoint.
+    assert r_sft.steps == r_forget.steps == 16
+    assert r_forget.metrics["resumed_from_step"] == 8
+    assert r_sft.metrics["resumed_from_step"] == 0  # trained once, skipped after the restart
+    assert r_sft.metrics["run_jobs"] == 2 and r_sft.metrics["run_first_job"]
+    timing = r_sft.metrics["timing"]
+    assert timing["start"] <= timing["ready"] <= timing["trained"] <= timing["end"]
+    assert r_forget.metrics["timing"]["start"] >= timing["end"]  # one after the other
+
+    # The same jobs alone, without Ray: same rows, same steps, same weights.
+    alone = {m: run_training_local(make_job(tmp_path / "alone", base, data, method=m,
+                                            name=f"a-{m}", **COMMON))
+             for m in ("sft", "forget")}
+    for grouped, method in ((r_sft, "sft"), (r_forget, "forget")):
+        a, b = _weights(grouped), _weights(alone[method])
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{method}: {k}")
+
+    # A rerun returns both from disk without a Ray Train run.
+    again = run_trainings([sft, forget], run_name="family-group", storage_path=storage)
+    assert all(r.cached for r in again)
+    assert json.loads(Path(r_sft.metrics_path).read_text())["steps"] == 16
