@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from orchestrator.config import ExperimentConfig, ModelSpec
 from orchestrator.pipeline import stages as S
+from orchestrator.pipeline import timeline
 from orchestrator.pipeline.tracking_glue import PipelineTracking
 
 T = TypeVar("T")
@@ -115,47 +116,53 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
                  rows_ident: Any, until: str | None, track: PipelineTracking,
                  slots: TrainingSlots) -> ModelOutcome:
     out = ModelOutcome(spec)
-    base = S.base_stage(cfg, spec, rows, rows_ident)
+    tl, name = timeline.current(), spec.name
+    with tl.span("base", name, "startup"):
+        base = S.base_stage(cfg, spec, rows, rows_ident)
     out.base_model = S.model_path(base)
-    tokens = S.tokens_stage(cfg, base, rows, rows_ident, split="train")
-    valid = (S.tokens_stage(cfg, base, valid_rows, rows_ident, split="clean_valid")
-             if valid_rows else None)
+    with tl.span("tokens", name, "data"):
+        tokens = S.tokens_stage(cfg, base, rows, rows_ident, split="train")
+        valid = (S.tokens_stage(cfg, base, valid_rows, rows_ident, split="clean_valid")
+                 if valid_rows else None)
     if until == "data":
         return out
-    with slots:
+    with slots, tl.span("reference", name):
         reference = S.reference_stage(cfg, spec, base, tokens, valid,
                                       track.target(spec, "reference", cfg.reference.seed))
+    tl.add_training("reference", name, S.stage_metrics(reference) if not reference.cached else {})
     if until == "reference":
         return out
-    scores = S.score_stage(cfg, base, reference, tokens)
+    with tl.span("score", name):
+        scores = S.score_stage(cfg, base, reference, tokens)
     if until == "score":
         return out
-    partition = S.partition_stage(cfg, tokens, scores)
-    out.partition_report = S.partition_report(partition)
-    track.log_partition(spec, out.partition_report, partition.dir,
-                        scores_dir=S.scores_path(scores), tokenizer_dir=out.base_model)
+    with tl.span("partition", name, "data"):
+        partition = S.partition_stage(cfg, tokens, scores)
+        out.partition_report = S.partition_report(partition)
+        track.log_partition(spec, out.partition_report, partition.dir,
+                            scores_dir=S.scores_path(scores), tokenizer_dir=out.base_model)
     if until == "partition":
         return out
 
+    # Every (method, seed) of this family trains in one Ray Train run: one worker-group
+    # start-up instead of one per job.
     jobs = [(m, s) for m in cfg.train.methods for s in _seeds(cfg)]
-
-    def train_one(job: tuple[str, int]) -> tuple[tuple[str, int], S.StageOut]:
-        method, seed = job
-        data = tokens if method == "sft" else partition
-        with slots:
-            done = S.train_stage(cfg, spec, base, data, valid, method, seed,
-                                 mlflow_target=track.target(spec, method, seed))
-        return job, done
-
-    for job, done in _parallel(train_one, jobs, cfg.ray.max_parallel_trainings):
-        out.models[job] = S.model_path(done)
-        out.train_metrics[job] = S.stage_metrics(done)
+    requests = [S.TrainRequest(tokens if m == "sft" else partition, m, s,
+                               track.target(spec, m, s)) for m, s in jobs]
+    with slots, tl.span("train", name):
+        done = S.train_stages(cfg, spec, base, valid, requests)
+    for job, stage_out in zip(jobs, done, strict=True):
+        out.models[job] = S.model_path(stage_out)
+        out.train_metrics[job] = S.stage_metrics(stage_out)
+        if not stage_out.cached:
+            tl.add_training("train", name, out.train_metrics[job])
         track.log_train_metrics(spec, job[0], job[1], out.train_metrics[job])
     return out
 
 
 def _run_stages(cfg: ExperimentConfig, until: str | None, track: PipelineTracking) -> dict[str, Any]:
-    synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
+    with timeline.current().span("synthetic", "-", "data"):
+        synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
     rows, valid_rows, ident = S.source_rows(cfg, synthetic)
     slots = TrainingSlots(cfg)
     outcomes = _parallel(
@@ -165,18 +172,21 @@ def _run_stages(cfg: ExperimentConfig, until: str | None, track: PipelineTrackin
     if until in (None, "evaluate") and cfg.evaluate.enabled:
         from orchestrator.pipeline.evaluate_stage import evaluate_outcomes
 
-        results["eval"] = evaluate_outcomes(cfg, outcomes, synthetic, track)
+        with timeline.current().span("evaluate", "-"):
+            results["eval"] = evaluate_outcomes(cfg, outcomes, synthetic, track)
     return results
 
 
 def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the comparison rows."""
     t0 = time.time()
+    tl = timeline.begin(t0)
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     # Tracking first: an unreachable MLflow server fails here, not after hours of training.
-    track = PipelineTracking.open(cfg, root)
-    init_ray(cfg)
+    with tl.span("ray-init", "-", "startup"):
+        track = PipelineTracking.open(cfg, root)
+        init_ray(cfg)
     from orchestrator.config import save_config
 
     save_config(cfg, root / "resolved_config.yaml")
@@ -187,8 +197,12 @@ def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, A
     except BaseException:
         track.fail()
         raise
-    wall = time.time() - t0
-    track.finish(wall, compare=until in (None, "evaluate") and cfg.evaluate.enabled)
+    end = time.time()
+    wall = end - t0
+    tl.write(root / "timeline.json", end)
+    track.finish(wall, compare=until in (None, "evaluate") and cfg.evaluate.enabled,
+                 timeline=tl.summary(end))
+    print(tl.text(end))
     if until in (None, "evaluate") and cfg.evaluate.enabled:
         print(track.comparison_text())
     print(f"[lethe] pipeline finished in {wall:.1f} s; run directory: {root}")
