@@ -18,24 +18,37 @@ from torch import Tensor
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-# Whether `torch.mm(..., out_dtype=torch.float32)` works per device type. It lets bf16/fp16
-# matmuls write fp32 results straight from the fp32 accumulator (no bf16 rounding of the
-# logits); it exists on CUDA but not on CPU in torch 2.13, so probe once and remember.
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+# Whether `torch.mm(..., out_dtype=torch.float32)` works, per (device type, dtype). It lets
+# bf16/fp16 matmuls write fp32 results straight from the fp32 accumulator (no bf16 rounding
+# of the logits); it exists on CUDA but not on CPU in torch 2.13. Support is decided by a
+# tiny probe, never by a failure of the real call: an out-of-memory (or any other error) of
+# a real chunk must reach the caller, not silently switch the process to the slow path.
+_MM_OUT_DTYPE_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _mm_out_dtype_supported(a: Tensor) -> bool:
+    key = (a.device.type, a.dtype)
+    known = _MM_OUT_DTYPE_OK.get(key)
+    if known is not None:
+        return known
+    probe = torch.zeros(1, 1, dtype=a.dtype, device=a.device)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+        ok = True
+    except torch.OutOfMemoryError:
+        raise  # says nothing about support: decide on a later call
+    except (RuntimeError, TypeError, NotImplementedError):
+        ok = False
+    _MM_OUT_DTYPE_OK[key] = ok
+    return ok
 
 
 def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b as float32. Low-precision inputs keep their fast kernels (fp32 accumulate)."""
     if a.dtype == torch.float32:
         return a @ b
-    kind = a.device.type
-    if _MM_OUT_DTYPE_OK.get(kind, True):
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _MM_OUT_DTYPE_OK[kind] = True
-            return out
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE_OK[kind] = False
+    if _mm_out_dtype_supported(a):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
 
 
@@ -128,6 +141,7 @@ def chunked_token_ce(
     bias: Tensor | None = None,
     chunk_size: int = 4096,
     ignore_index: int = -100,
+    check_targets: bool = True,
 ) -> Tensor:
     """Cross-entropy per row of `hidden @ weight.T (+ bias)` against `targets`.
 
@@ -136,6 +150,9 @@ def chunked_token_ce(
     Returns float32 [N]: CE per row, 0.0 (and no gradient) where target == ignore_index.
     Softmax statistics are computed in fp32 per chunk; gradients come back in the input
     dtypes. Peak extra memory ~ chunk_size x V x 4 bytes (a few such buffers), not N x V.
+    `check_targets=False` skips the vocabulary range check, which costs a device->host sync;
+    only for callers that checked the ids already (an out-of-range id then fails inside
+    `gather` with a less helpful message).
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
@@ -157,8 +174,8 @@ def chunked_token_ce(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     targets = targets.long()
     vocab = weight.shape[0]
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab)) if check_targets else None
+    if bad is not None and bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"target {int(targets[row])} at row {row} is outside the vocabulary [0, {vocab}) "

@@ -117,11 +117,16 @@ class TokenScorer:
         chunk_size: int = 4096,
         packing: bool = False,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
+        # None = whatever is there. A caller whose config asks for GPUs passes "cuda", and
+        # load_model then fails clearly when none is visible instead of scoring on CPU.
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = resolve_dtype(dtype, device)
-        base = load_model(base_path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
-        ref = load_model(ref_path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
+        kw = {"dtype": torch_dtype, "device": device, "trust_remote_code": trust_remote_code,
+              "attn_implementation": attn_implementation}
+        base = load_model(base_path, **kw)
+        ref = load_model(ref_path, **kw)
         self._setup(base, ref, token_budget=token_budget, chunk_size=chunk_size, packing=packing)
 
     @classmethod
@@ -190,6 +195,7 @@ class TokenScorer:
         lengths = np.array([len(r) for r in ids], dtype=np.int64)
         losses = {name: [np.full(n, np.nan, dtype=np.float32) for n in lengths] for name in self.models}
         padded_length = np.zeros(len(ids), dtype=np.int32)
+        pending: list[tuple[list, dict[str, torch.Tensor]]] = []
         for rows in plan_micro_batches(lengths, self.token_budget):
             width = int(lengths[rows].max()) if len(rows) else 0
             padded_length[rows] = width
@@ -198,7 +204,10 @@ class TokenScorer:
             self.counters.real_tokens += int(lengths[rows].sum())
             if width < 2:
                 continue  # no position can be a target
-            self._score_micro_batch(rows, width, ids, masks, losses)
+            scored = self._score_micro_batch(rows, width, ids, masks)
+            if scored is not None:
+                pending.append(scored)
+        self._copy_back(pending, losses)
         self.counters.rows += len(ids)
         return {
             "sample_id": sample_ids,
@@ -208,7 +217,8 @@ class TokenScorer:
         }
 
     def _score_micro_batch(self, rows: np.ndarray, width: int, ids: list, masks: list,
-                           losses: dict[str, list[np.ndarray]]) -> None:
+                           ) -> tuple[list, dict[str, torch.Tensor]] | None:
+        """Queue both models on one micro-batch; returns (owners, per-model CE on device)."""
         padded = np.zeros((len(rows), width), dtype=np.int64)  # pad value is never attended to
         flat_index, targets, owners = [], [], []
         for b, r in enumerate(rows):
@@ -221,7 +231,7 @@ class TokenScorer:
             owners.append((r, pos))
         flat = np.concatenate(flat_index)
         if flat.size == 0:
-            return
+            return None
         self.counters.scored_tokens += int(flat.size)
         input_ids = torch.from_numpy(padded).to(self.device, non_blocking=True)
         flat_t = torch.from_numpy(flat).to(self.device)
@@ -231,16 +241,25 @@ class TokenScorer:
             hidden = _hidden_states(decoder, input_ids)
             rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_t)
             del hidden
+            # Targets were range-checked on the host in _validate: skip the device check
+            # (a host sync per call).
             per_model[name] = chunked_token_ce(rows_h, weight, targets_t, bias=bias,
-                                               chunk_size=self.chunk_size)
-        # Copy back only after both models were queued: a device->host copy waits for the
-        # GPU, and doing it between the models would leave the GPU idle meanwhile.
-        for name, ce_t in per_model.items():
-            ce = ce_t.cpu().numpy()
+                                               chunk_size=self.chunk_size, check_targets=False)
+        return owners, per_model
+
+    def _copy_back(self, pending: list[tuple[list, dict[str, torch.Tensor]]],
+                   losses: dict[str, list[np.ndarray]]) -> None:
+        """One device->host copy per model for the whole call, after every micro-batch was
+        queued: a copy waits for the GPU, and one per micro-batch would idle it each time."""
+        if not pending:
+            return
+        for name in self.models:
+            ce = torch.cat([per_model[name] for _, per_model in pending]).cpu().numpy()
             start = 0
-            for r, pos in owners:
-                losses[name][r][pos] = ce[start : start + len(pos)]
-                start += len(pos)
+            for owners, _ in pending:
+                for r, pos in owners:
+                    losses[name][r][pos] = ce[start : start + len(pos)]
+                    start += len(pos)
 
 
 def _object_array(rows: list[np.ndarray]) -> np.ndarray:
