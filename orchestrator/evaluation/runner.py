@@ -140,6 +140,19 @@ def run_lm_eval(lm: Any, cfg: EvaluateConfig, include_path: str | None) -> dict[
     return dict(merged)
 
 
+def check_eval_device(cfg: EvaluateConfig, device: str) -> None:
+    """No silent CPU evaluation when the config asks for GPUs (and no CUDA device that
+    lm-eval would fail on later with a less clear message)."""
+    import torch
+
+    wants_cuda = str(device).startswith("cuda") or cfg.num_gpus > 0
+    if wants_cuda and not (str(device).startswith("cuda") and torch.cuda.is_available()):
+        raise RuntimeError(
+            f"evaluate.num_gpus is {cfg.num_gpus}, but no CUDA device is visible to this process "
+            f"(device {device!r}, torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+            "set evaluate.num_gpus=0 to evaluate on CPU")
+
+
 def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None,
                    device: str = "cpu", *, results_path: str | None = None) -> dict:
     """Run lm-eval on a saved HF model folder; return {task: {metric: value}}.
@@ -148,6 +161,7 @@ def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None
     model_dir is a local folder (a hub id has no folder to write beside).
     """
     include_path = include_path or cfg.include_path
+    check_eval_device(cfg, device)
     lm, model_args = load_hf_lm(model_dir, cfg, device)
     raw = run_lm_eval(lm, cfg, include_path)
     metrics = {task: normalise_metrics(res) for task, res in raw.get("results", {}).items()}

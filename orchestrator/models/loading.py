@@ -40,12 +40,14 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a local folder or hub id, checked against `spec.family` when given.
 
     Local folders need no network; with HF_HUB_OFFLINE=1 a hub id resolves from the local
     cache only. The config is read first so that a wrong checkpoint fails with a clear
-    message before any weights are read.
+    message before any weights are read. `attn_implementation` overrides the spec's
+    (callers without a spec, e.g. the scorer, pass the configured one).
     """
     trust = trust_remote_code or (spec is not None and spec.trust_remote_code)
     # The spec's revision pins its pretrained checkpoint, not other paths (e.g. a fine-tune).
@@ -60,7 +62,12 @@ def load_model(
             f"'{config.model_type}', but the spec's family is '{spec.family}' "
             f"(expects model_type '{FAMILY_MODEL_TYPES[spec.family]}')"
         )
-    requested = spec.attn_implementation if spec is not None else "sdpa"
+    requested = attn_implementation or (spec.attn_implementation if spec is not None else "sdpa")
+    check_device(device)
+    # Weights go straight to a GPU (device_map), not through host RAM first: 8 scoring
+    # actors on one node would otherwise each stage a full copy in host memory.
+    if torch.device(device).type == "cuda":
+        extra["device_map"] = {"": torch.device(device)}
     model = AutoModelForCausalLM.from_pretrained(
         path_or_id,
         config=config,
@@ -70,6 +77,15 @@ def load_model(
         **extra,
     )
     return model.to(device)
+
+
+def check_device(device: str | torch.device) -> None:
+    """A CUDA device must exist when asked for: never fall back to CPU silently."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {str(device)!r} was asked for, but no CUDA device is visible to this "
+            f"process (torch {torch.__version__}, CUDA build {torch.version.cuda}): install the "
+            "CUDA wheel matching the driver, or configure CPU (use_gpu / num_gpus 0)")
 
 
 def materialize_base(spec: ModelSpec, texts: Iterable[str], out_dir: Path, seed: int = 0) -> str:
