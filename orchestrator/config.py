@@ -93,7 +93,12 @@ class DataConfig(Strict):
     chat_template: Literal["paper", "tokenizer"] = "paper"
     max_seq_len: int = Field(default=512, ge=8)
     max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    # A seeded random sample of this many source rows (orchestrator/data/sampling.py), never
+    # the first N: sources such as the Tulu mixture are stored grouped by origin.
     limit: int | None = Field(default=None, ge=1)
+    limit_seed: int = 0
+    # Draw the sample (and train.validation_size) proportionally to this column's values.
+    stratify_by: str | None = None
     # A row (a JSONL line, or a row's message text) longer than this is rejected before it
     # is parsed or tokenized: one runaway row must not exhaust memory. None = no bound.
     max_row_chars: int | None = Field(default=1_000_000, ge=1)

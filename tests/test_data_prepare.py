@@ -209,7 +209,11 @@ def test_loaders_give_identical_tokens(tmp_path):
 def test_limit_caps_rows_and_corpus_texts(tmp_path):
     tok = build_tokenizer()
     report, table = prepare_rows(tmp_path, tok, [PC_ROW, SYSTEM_ROW, MULTI_ROW], limit=2)
-    assert report.num_rows == 2 and [r["sample_id"] for r in table] == [0, 1]
+    # data.limit is a seeded random sample that keeps source row numbers (tests/test_sampling.py)
+    from orchestrator.data.sampling import plan_split
+
+    expected = plan_split(3, limit=2, seed=0).train.tolist()
+    assert report.num_rows == 2 and [r["sample_id"] for r in table] == expected
     texts = list(corpus_texts(tmp_path / "rows.jsonl"))
     assert texts[0] == "What is 37 + 58?\n37 + 58 = 95. The answer is 95."
     assert len(texts) == 3 and texts[2].startswith("Hello there!\nI am fine")

@@ -12,7 +12,6 @@ that must not download).
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -154,6 +153,10 @@ def iter_path_rows(path: str | Path, split: str = "train",
                    max_row_chars: int | None = None) -> Iterator[Any]:
     """Rows of one local file or dataset directory, by suffix; other names go to datasets.
     `max_row_chars` bounds a JSONL line before it is parsed (longer = a RowRejected)."""
+    from orchestrator.data import sampling
+
+    if sampling.is_selection(path):  # a sampled split (pipeline stage "sample")
+        return (row for _, row in sampling.iter_selection(path, max_row_chars))
     p = Path(path)
     suffix = p.suffix.lower()
     if p.is_file():
@@ -170,17 +173,27 @@ def iter_path_rows(path: str | Path, split: str = "train",
 
 
 def iter_source_rows(cfg: DataConfig, rows_path: str | None = None) -> Iterator[tuple[int, Any]]:
-    """(row number, row) for the configured source, capped at cfg.limit rows."""
+    """(source row number, row) for the configured source: the rows a selection file keeps,
+    or a seeded random sample of cfg.limit rows (orchestrator/data/sampling.py)."""
+    from orchestrator.data import sampling
+
     limit = cfg.max_row_chars
-    if rows_path is not None:
-        rows = iter_path_rows(rows_path, cfg.split, limit)
-    elif cfg.source == "synthetic":
-        raise DataError("data.source='synthetic': pass rows_path (the generated train.jsonl)")
-    elif cfg.source == "hf" and not Path(str(cfg.path)).is_file():
-        rows = _iter_hf(str(cfg.path), cfg.split)
-    else:
-        rows = iter_path_rows(str(cfg.path), cfg.split, limit)
-    return enumerate(itertools.islice(rows, cfg.limit))
+    if sampling.is_selection(rows_path):
+        return sampling.iter_selection(str(rows_path), limit)
+
+    def open_rows() -> Iterator[Any]:
+        if rows_path is not None:
+            return iter_path_rows(rows_path, cfg.split, limit)
+        if cfg.source == "synthetic":
+            raise DataError("data.source='synthetic': pass rows_path (the generated train.jsonl)")
+        if cfg.source == "hf" and not Path(str(cfg.path)).is_file():
+            return _iter_hf(str(cfg.path), cfg.split)
+        return iter_path_rows(str(cfg.path), cfg.split, limit)
+
+    if cfg.limit is None:
+        return enumerate(open_rows())
+    return sampling.sample_rows(open_rows, limit=cfg.limit, seed=cfg.limit_seed,
+                                stratify_by=cfg.stratify_by)
 
 
 def _row_texts(row: Any) -> list[str]:

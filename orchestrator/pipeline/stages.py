@@ -78,15 +78,51 @@ def synthetic_stage(cfg: ExperimentConfig) -> StageOut:
 
 
 def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str, str | None, Any]:
-    """(training rows path, clean validation rows path or None, identity for cache keys)."""
-    if cfg.data.source == "synthetic":
+    """(training rows path, validation rows path or None, identity for cache keys).
+
+    With `train.validation_size` > 0 every source gets a validation split, recorded in the
+    identity (so in every downstream key) by a "sample" stage: a source without one holds
+    out that many seeded random rows (stratified like data.limit's sample, never in the
+    training sample); the synthetic clean split is capped at that many rows. The paths it
+    returns are then selection files (orchestrator/data/sampling.py).
+    """
+    from orchestrator.data import sampling
+
+    d, vsize = cfg.data, cfg.train.validation_size
+    if d.source == "synthetic":
         assert synthetic is not None
-        return (str(synthetic.dir / "train.jsonl"), str(synthetic.dir / "clean_valid.jsonl"),
-                {"synthetic": synthetic.key})
-    path = cfg.data.path
+        train, valid = str(synthetic.dir / "train.jsonl"), str(synthetic.dir / "clean_valid.jsonl")
+        if not vsize:
+            return train, valid, {"synthetic": synthetic.key}
+        st, cached = _open(cfg, "sample", {"synthetic": synthetic.key, "validation_size": vsize,
+                                           "seed": d.limit_seed})
+        out = st.dir / f"valid{sampling.SELECTION_SUFFIX}"
+        if not cached:
+            from orchestrator.data.loading import iter_path_rows
+
+            n = sampling.materialize_subset(lambda: iter_path_rows(valid), {"rows_path": valid},
+                                            out, size=vsize, seed=d.limit_seed)
+            st.mark_done({"valid": n})
+        return train, str(out), {"synthetic": synthetic.key, "sample": st.key}
+    path = d.path
     assert path is not None
-    ident = path_fingerprint(path) if Path(path).exists() else {"dataset": path, "split": cfg.data.split}
-    return path, None, ident
+    ident = path_fingerprint(path) if Path(path).exists() else {"dataset": path, "split": d.split}
+    if not vsize:
+        return path, None, ident  # data.limit is sampled while tokenizing (loading.py)
+    inputs = {"rows": ident, "split": d.split, "limit": d.limit, "limit_seed": d.limit_seed,
+              "stratify_by": d.stratify_by, "validation_size": vsize}
+    st, cached = _open(cfg, "sample", inputs)
+    if not cached:
+        from orchestrator.data.loading import iter_source_rows
+
+        whole = d.model_copy(update={"limit": None})
+        report = sampling.materialize_split(
+            lambda: (row for _, row in iter_source_rows(whole)),
+            {"source": d.source, "path": path, "split": d.split}, st.dir, limit=d.limit,
+            validation_size=vsize, seed=d.limit_seed, stratify_by=d.stratify_by)
+        st.mark_done({"report": report})
+    return (str(st.dir / f"train{sampling.SELECTION_SUFFIX}"),
+            str(st.dir / f"valid{sampling.SELECTION_SUFFIX}"), {"sample": st.key})
 
 
 def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_ident: Any) -> StageOut:
@@ -137,6 +173,9 @@ def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ide
 
     data_cfg = cfg.data.model_dump(mode="json")
     data_cfg.pop("synthetic")
+    if data_cfg.get("limit") is None:  # the sample's seed / strata mean nothing without a limit
+        data_cfg.pop("limit_seed", None)
+        data_cfg.pop("stratify_by", None)
     st, cached = _open(cfg, "tokens", {"data": data_cfg, "rows": rows_ident, "split": split,
                                             "tokenizer": base.key})
     if not cached:
