@@ -1,4 +1,10 @@
-"""Ray wrapper around the plain evaluator: one Ray task per model, run in parallel.
+"""Ray wrapper around the plain evaluator: the models are split over a few Ray tasks, each
+evaluating its share one after the other.
+
+One task per model paid a worker start-up, lm-eval's task set-up and a model load per model;
+with methods x seeds x families that start-up was most of the evaluation on a small machine.
+A task evaluates several models in one process (imports and lm-eval's task manager are
+reused), and as many tasks run at once as the cluster has room for.
 
 Ray is imported only inside `evaluate_many`, so `orchestrator.evaluation.runner` stays
 usable on a machine (or in a debugger) without Ray.
@@ -6,43 +12,77 @@ usable on a machine (or in a debugger) without Ray.
 
 from __future__ import annotations
 
+import traceback
+
 from orchestrator.config import EvaluateConfig
 from orchestrator.evaluation.runner import evaluate_model
 
 
-def _evaluate_remote_body(model_dir: str, cfg_dict: dict, include_path: str | None) -> dict:
+def _evaluate_batch_body(model_dirs: dict[str, str], cfg_dict: dict,
+                         include_path: str | None) -> dict[str, dict]:
+    """{name: model_dir} -> {name: {"metrics": ...} or {"error": "..."}}: one failing model
+    does not lose the others' results."""
     # The config travels as a plain dict: pydantic models pickle fine, but a dict keeps the
     # task payload independent of the driver's class objects.
     cfg = EvaluateConfig.model_validate(cfg_dict)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
-    return evaluate_model(model_dir, cfg, include_path, device=device)
+    out: dict[str, dict] = {}
+    for name, path in model_dirs.items():
+        try:
+            out[name] = {"metrics": evaluate_model(path, cfg, include_path, device=device)}
+        except Exception as exc:  # noqa: BLE001 - reported per model by the caller
+            out[name] = {"error": f"{type(exc).__name__}: {exc}",
+                         "traceback": traceback.format_exc(limit=5)}
+    return out
+
+
+def parallel_tasks(cfg: EvaluateConfig, n_models: int, resources: dict[str, float]) -> int:
+    """How many evaluation tasks fit the cluster at once (at least 1, at most one per model)."""
+    if cfg.num_gpus > 0:
+        room = int(resources.get("GPU", 0.0) // cfg.num_gpus)
+    else:
+        # Leave one CPU slot for the driver's own Ray work; CPU slots may be logical.
+        room = int(max(1.0, resources.get("CPU", 1.0) - 1.0) // cfg.num_cpus)
+    return max(1, min(n_models, room))
+
+
+def split_round_robin(names: list[str], k: int) -> list[list[str]]:
+    return [chunk for chunk in (names[i::k] for i in range(k)) if chunk]
 
 
 def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
                   include_path: str | None) -> dict[str, dict]:
-    """{name: model_dir} -> {name: {task: {metric: value}}}, one Ray task per model.
+    """{name: model_dir} -> {name: {task: {metric: value}}}, models spread over Ray tasks.
 
     Uses the running Ray instance (or starts a local one, as `ray.remote` does).
     A failing model raises here with its name, after the others finished.
     """
     import ray
 
-    remote_fn = ray.remote(_evaluate_remote_body).options(
+    remote_fn = ray.remote(_evaluate_batch_body).options(
         num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus, name="lethe-evaluate"
     )
     cfg_dict = cfg.model_dump(mode="json")
-    refs = {name: remote_fn.remote(path, cfg_dict, include_path)
-            for name, path in model_dirs.items()}
+    k = parallel_tasks(cfg, len(model_dirs), ray.cluster_resources())
+    refs = [remote_fn.remote({n: model_dirs[n] for n in chunk}, cfg_dict, include_path)
+            for chunk in split_round_robin(sorted(model_dirs), k)]
     results: dict[str, dict] = {}
-    errors: dict[str, BaseException] = {}
-    for name, ref in refs.items():
-        try:
-            results[name] = ray.get(ref)
-        except Exception as exc:  # noqa: BLE001 - collect all, report together
-            errors[name] = exc
+    errors: dict[str, str] = {}
+    for ref in refs:
+        for name, outcome in ray.get(ref).items():
+            if "metrics" in outcome:
+                results[name] = outcome["metrics"]
+            else:
+                errors[name] = outcome["error"]
     if errors:
-        first = next(iter(errors))
-        raise RuntimeError(
-            f"evaluation failed for {sorted(errors)}: {first}: {errors[first]}"
-        ) from errors[first]
+        raise EvaluationFailed(errors, results)
     return results
+
+
+class EvaluationFailed(RuntimeError):
+    """Some models failed; `results` holds the ones that finished (callers can keep them)."""
+
+    def __init__(self, errors: dict[str, str], results: dict[str, dict]) -> None:
+        first = sorted(errors)[0]
+        super().__init__(f"evaluation failed for {sorted(errors)}: {first}: {errors[first]}")
+        self.errors, self.results = errors, results

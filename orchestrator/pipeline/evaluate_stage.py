@@ -1,7 +1,8 @@
 """Evaluation of every exported model (and the base models) with lm-eval, cached per model.
 
 Models whose results are cached are not evaluated again; the rest go to
-`orchestrator.evaluation.evaluate_many`, one Ray task per model, in parallel.
+`orchestrator.evaluation.evaluate_many`, spread over a few parallel Ray tasks. When some
+models fail, the ones that finished are stored (cached) before the failure is raised.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from orchestrator.cache import Stage
 from orchestrator.config import ExperimentConfig
 from orchestrator.pipeline import stages as S
 
-_EVAL_RESOURCE_FIELDS = {"num_gpus", "num_cpus", "batch_size", "enabled", "evaluate_base"}
+# `benchmarks` only says how results are averaged for display: never a reason to re-evaluate.
+_EVAL_RESOURCE_FIELDS = {"num_gpus", "num_cpus", "batch_size", "enabled", "evaluate_base",
+                         "benchmarks"}
+# Fields added later, left out of the key while unset so earlier results stay cached.
+_EVAL_KEY_DEFAULTS = {"task_limit": {}, "seed": None}
 
 
 def local_tasks_dir(cfg: ExperimentConfig, synthetic: S.StageOut | None) -> str | None:
@@ -58,7 +63,8 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
 
     include = local_tasks_dir(cfg, synthetic)
     ev = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items()
-          if k not in _EVAL_RESOURCE_FIELDS}
+          if k not in _EVAL_RESOURCE_FIELDS
+          and not (k in _EVAL_KEY_DEFAULTS and v == _EVAL_KEY_DEFAULTS[k])}
     tasks_key = synthetic.key if synthetic is not None else include
     stages = {label: Stage(S.stages_root(cfg), "eval", {"model": path, "evaluate": ev,
                                                          "tasks": tasks_key})
@@ -75,11 +81,21 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
             fresh = {label: evaluate_model(path, cfg.evaluate, include, device=device)
                      for label, path in todo.items()}
         else:
-            fresh = evaluate_many(todo, cfg.evaluate, include)
-        for label, metrics in fresh.items():
-            st = stages[label]
-            st.prepare()
-            (st.dir / "eval_results.json").write_text(json.dumps(metrics, indent=2, default=str))
-            st.mark_done({"metrics": metrics})
+            from orchestrator.evaluation.ray_stage import EvaluationFailed
+
+            try:
+                fresh = evaluate_many(todo, cfg.evaluate, include)
+            except EvaluationFailed as failed:
+                _store(stages, failed.results)  # a rerun evaluates only the failed models
+                raise
+        _store(stages, fresh)
     results = {label: dict(st.summary()["metrics"]) for label, st in stages.items()}
     return results, {label: st.dir for label, st in stages.items()}
+
+
+def _store(stages: dict[str, Stage], fresh: dict[str, dict[str, Any]]) -> None:
+    for label, metrics in fresh.items():
+        st = stages[label]
+        st.prepare()
+        (st.dir / "eval_results.json").write_text(json.dumps(metrics, indent=2, default=str))
+        st.mark_done({"metrics": metrics})
