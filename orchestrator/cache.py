@@ -143,6 +143,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     final = Path(path)
     tmp = temp_path(final)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         commit_temp(tmp, final)
     except BaseException as exc:

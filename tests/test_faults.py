@@ -6,6 +6,7 @@ Every process or mount a test starts is stopped by that test (by PID / mount poi
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,41 @@ def test_one_masking_function_covers_env_urls_queries_and_token_shapes(monkeypat
     assert "s3cr3t-not-named-secret" in masked  # not named like a secret: kept
     nested = mask_obj({"tracking": {"tracking_uri": "http://u:p@h:5000"}, "n": 3, "l": ["x"]})
     assert nested == {"tracking": {"tracking_uri": "http://***@h:5000"}, "n": 3, "l": ["x"]}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_failed_evaluation_keeps_and_logs_finished_models(tmp_path, monkeypatch, capsys):
+    from orchestrator.evaluation.ray_stage import EvaluationFailed
+    from orchestrator.pipeline import evaluate_stage
+
+    cfg = config_from_dict({**MINIMAL, "run_dir": str(tmp_path)})
+
+    def fake_labelled(cfg, wanted, synthetic):
+        failed = EvaluationFailed({"m/forget/s0": "OSError: model.safetensors truncated"},
+                                  {"m/sft/s0": {"task": {"acc": 0.5}}})
+        failed.dirs = {"m/sft/s0": tmp_path / "eval-sft"}
+        raise failed
+
+    class Track:
+        logged: dict = {}
+
+        def log_eval(self, results, dirs):
+            Track.logged = dict(results)
+
+    class Outcome:
+        spec = cfg.models[0]
+        base_model = ""
+        models = {("sft", 0): "a", ("forget", 0): "b"}
+
+    monkeypatch.setattr(evaluate_stage, "evaluate_labelled", fake_labelled)
+    with pytest.raises(EvaluationFailed) as err:
+        evaluate_stage.evaluate_outcomes(cfg, [Outcome()], None, Track())
+    assert Track.logged == {"m/sft/s0": {"task": {"acc": 0.5}}}
+    report = json.loads((tmp_path / "faults" / "eval_failures.json").read_text())
+    assert report == {"failed": {"m/forget/s0": "OSError: model.safetensors truncated"},
+                      "finished": ["m/sft/s0"]}
+    assert cli.error_line(err.value) == (
+        "evaluation failed for 1 of 2 model(s), finished results kept (a rerun evaluates only "
+        "the failed): m/forget/s0: OSError: model.safetensors truncated")

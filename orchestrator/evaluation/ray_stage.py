@@ -15,6 +15,7 @@ from __future__ import annotations
 import traceback
 
 from orchestrator.config import EvaluateConfig
+from orchestrator.errors import LetheError
 from orchestrator.evaluation.runner import evaluate_model
 
 
@@ -79,10 +80,14 @@ def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
     return results
 
 
-class EvaluationFailed(RuntimeError):
-    """Some models failed; `results` holds the ones that finished (callers can keep them)."""
+class EvaluationFailed(LetheError, RuntimeError):
+    """Some models failed; `results` holds the ones that finished (callers can keep them).
+    The message names every failed model with its error (the CLI prints it as one line)."""
 
     def __init__(self, errors: dict[str, str], results: dict[str, dict]) -> None:
-        first = sorted(errors)[0]
-        super().__init__(f"evaluation failed for {sorted(errors)}: {first}: {errors[first]}")
+        why = "; ".join(f"{name}: {errors[name].splitlines()[0] if errors[name] else '?'}"
+                        for name in sorted(errors))
+        super().__init__(f"evaluation failed for {len(errors)} of {len(errors) + len(results)} "
+                         f"model(s), finished results kept (a rerun evaluates only the failed): "
+                         f"{why}")
         self.errors, self.results = errors, results

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cache import Stage
+from orchestrator.cache import Stage, atomic_write_json, path_fingerprint
 from orchestrator.config import ExperimentConfig
 from orchestrator.pipeline import stages as S
 
@@ -49,7 +49,18 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
             wanted[f"{o.spec.name}/base/-"] = o.base_model
         for (method, seed), model_dir in sorted(o.models.items()):
             wanted[f"{o.spec.name}/{method}/s{seed}"] = model_dir
-    results, dirs = evaluate_labelled(cfg, wanted, synthetic)
+    from orchestrator.evaluation.ray_stage import EvaluationFailed
+
+    try:
+        results, dirs = evaluate_labelled(cfg, wanted, synthetic)
+    except EvaluationFailed as failed:
+        # The finished models still reach tracking; which models failed, and why, is written
+        # beside the run (and is the error's message).
+        done = {k: v for k, v in failed.results.items() if k in getattr(failed, "dirs", {})}
+        track.log_eval(done, {k: failed.dirs[k] for k in done})
+        atomic_write_json(S.stages_root(cfg).parent / "eval_failures.json",
+                          {"failed": failed.errors, "finished": sorted(done)})
+        raise
     track.log_eval(results, dirs)
     return results
 
@@ -65,7 +76,12 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
     ev = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items()
           if k not in _EVAL_RESOURCE_FIELDS
           and not (k in _EVAL_KEY_DEFAULTS and v == _EVAL_KEY_DEFAULTS[k])}
-    tasks_key = synthetic.key if synthetic is not None else include
+    # A task folder from the config enters the key by content: editing a task YAML there
+    # re-evaluates (the path alone would keep stale results).
+    if cfg.evaluate.include_path and include is not None:
+        tasks_key: Any = path_fingerprint(include)
+    else:
+        tasks_key = synthetic.key if synthetic is not None else include
     stages = {label: Stage(S.stages_root(cfg), "eval", {"model": path, "evaluate": ev,
                                                          "tasks": tasks_key})
               for label, path in wanted.items()}
@@ -87,6 +103,10 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
                 fresh = evaluate_many(todo, cfg.evaluate, include)
             except EvaluationFailed as failed:
                 _store(stages, failed.results)  # a rerun evaluates only the failed models
+                finished = {label: st for label, st in stages.items() if st.done()}
+                failed.results = {label: dict(st.summary()["metrics"])
+                                  for label, st in finished.items()}
+                failed.dirs = {label: st.dir for label, st in finished.items()}
                 raise
         _store(stages, fresh)
     results = {label: dict(st.summary()["metrics"]) for label, st in stages.items()}
