@@ -7,6 +7,7 @@
     lethe ui CONFIG [--port 5000]                           MLflow UI on 127.0.0.1
     lethe inspect CONFIG --model NAME --sample ID           a sample's tokens by score / class
     lethe validate CONFIG [overrides]                       print the resolved config
+    lethe plan CONFIG [overrides] [--address A]             dry run: stages, cache, steps, resources
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from orchestrator.pipeline.plan import run_plan
+
+    return run_plan(_load(args), address=args.address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lethe", description="Token-level forgetting fine-tuning on Ray")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -125,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", default=None, help="also write the HTML page here")
     ins.set_defaults(fn=_cmd_inspect)
     with_config("validate", "print the resolved config").set_defaults(fn=_cmd_validate)
+    plan = with_config("plan", "dry run: stages, hashes, cache, samples, steps, resources")
+    plan.add_argument("--address", default=None, help="Ray cluster to check against "
+                      "(default: ray.address, else a local instance)")
+    plan.set_defaults(fn=_cmd_plan)
     return p
 
 

@@ -133,6 +133,9 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
     from orchestrator.models import materialize_base
 
     if spec.pretrained is not None:
+        from orchestrator.pipeline.preflight import check_pretrained_path
+
+        check_pretrained_path(spec)  # a missing local path is not a hub id
         p = Path(spec.pretrained)
         ident = path_fingerprint(p) if p.exists() else {"hub": spec.pretrained, "rev": spec.revision}
         st, cached = _open(cfg, "base", {"spec": spec.model_dump(mode="json"), "ident": ident})
@@ -181,6 +184,9 @@ def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ide
     if not cached:
         spec = _spec_of(base)
         tok = load_tokenizer(spec, model_path(base))
+        from orchestrator.pipeline.preflight import check_vocabulary
+
+        check_vocabulary(spec, model_path(base), tok)  # before any row, before the reference
         report = prepare_dataset(cfg.data, tok, st.dir, rows_path=rows_path)
         st.mark_done({"tokens_path": str(st.dir / "tokens.parquet"),
                       "report": getattr(report, "__dict__", {})})
