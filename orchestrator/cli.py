@@ -92,7 +92,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
-    print(yaml.safe_dump(_load(args).to_dict(), sort_keys=False))
+    from orchestrator.evaluation.runner import describe_plan
+
+    cfg = _load(args)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.evaluate.enabled:  # as YAML comments: the output stays a loadable config
+        print("\n".join(f"# evaluate: {line}" for line in describe_plan(cfg.evaluate)))
     return 0
 
 

@@ -255,6 +255,30 @@ class TrainConfig(Strict):
     validation_size: int = Field(default=0, ge=0)  # held-out clean samples for val loss
 
 
+def _check_limit(value: int | float | None, where: str) -> int | float | None:
+    """lm-eval's limit: an integer >= 1 is a number of examples per task, a float in (0, 1)
+    a fraction of each task (the paper's script passes `--limit 0.99`)."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else _bad_limit(value, where)
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        return int(value)
+    if isinstance(value, int) and value >= 1 or isinstance(value, float) and 0.0 < value < 1.0:
+        return value
+    return _bad_limit(value, where)
+
+
+def _bad_limit(value: Any, where: str) -> Any:
+    raise ValueError(f"{where}: {value!r} is neither a count >= 1 nor a fraction in (0, 1)")
+
+
+class BenchmarkSpec(Strict):
+    """One headline benchmark: the mean of `metric` over `tasks` (several tasks when a
+    benchmark is split per language, as TydiQA's gold-passage tasks are)."""
+
+    tasks: list[str] = Field(min_length=1)
+    metric: str  # the metric name as Lethe logs it (lm-eval's key without ",<filter>")
+
+
 class EvaluateConfig(Strict):
     enabled: bool = True
     # Task names; the embedded default's local tasks are generated from the synthetic
@@ -263,11 +287,32 @@ class EvaluateConfig(Strict):
     include_path: str | None = None  # None = the generated local task folder
     num_fewshot: dict[str, int] = {}
     batch_size: int = Field(default=16, ge=1)
-    limit: int | None = Field(default=None, ge=1)
+    limit: int | float | None = None  # per task: a count >= 1 or a fraction in (0, 1)
+    task_limit: dict[str, int | float] = {}  # per-task override of `limit`
+    # lm-eval's four seeds (python, numpy, torch, few-shot sampling); None = its defaults.
+    seed: int | None = None
+    # The headline: {name: {tasks, metric}} in display order; `lethe compare` shows each and
+    # their average per method (the paper reports the average over five benchmarks).
+    benchmarks: dict[str, BenchmarkSpec] = {}
     num_gpus: float = Field(default=0.0, ge=0.0)
     num_cpus: float = Field(default=1.0, gt=0.0)
     dtype: DType = "auto"
     evaluate_base: bool = True
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> EvaluateConfig:
+        self.__dict__["limit"] = _check_limit(self.limit, "evaluate.limit")
+        for task, value in self.task_limit.items():
+            self.task_limit[task] = _check_limit(value, f"evaluate.task_limit.{task}")
+        known = set(self.tasks)
+        named = [("num_fewshot", t) for t in self.num_fewshot] + [
+            ("task_limit", t) for t in self.task_limit] + [
+            (f"benchmarks.{b}.tasks", t) for b, spec in self.benchmarks.items() for t in spec.tasks]
+        for where, task in named:
+            if task not in known:
+                raise ValueError(f"evaluate.{where}: task '{task}' is not in evaluate.tasks "
+                                 f"({', '.join(self.tasks)})")
+        return self
 
 
 class TuneConfig(Strict):

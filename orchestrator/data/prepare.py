@@ -68,6 +68,9 @@ class _Accumulator:
         self.input_ids: list[np.ndarray] = []
         self.response: list[np.ndarray] = []
         self.noise: list[np.ndarray | None] = []
+        # row -> its synthetic corruption kind (wrong_value / filler / typo), so the
+        # partition can report noise detection per kind
+        self.noise_kinds: dict[int, str] = {}
         self.truncated = 0
 
     def table(self) -> pa.Table:
@@ -82,6 +85,9 @@ class _Accumulator:
                 for n, ids in zip(self.noise, self.input_ids, strict=True)
             ]
             cols["noise_mask"] = _list_array(filled, pa.int8())
+        if self.noise_kinds:  # null for clean rows
+            cols["noise_kind"] = pa.array([self.noise_kinds.get(s) for s in self.sample_ids],
+                                          type=pa.string())
         cols["num_tokens"] = pa.array([len(a) for a in self.input_ids], type=pa.int32())
         if any(s is not None for s in self.source_ids):
             cols["source_id"] = pa.array(self.source_ids, type=pa.string())
@@ -168,6 +174,8 @@ def prepare_dataset(
             if isinstance(row, RowRejected):
                 raise row
             conv = conversation_from_row(row, cfg.format)
+            if isinstance(row.get("noise_kind"), str):
+                acc.noise_kinds[row_no] = row["noise_kind"]
             _check_row_size(conv, cfg.max_row_chars)
             pending.append((row_no, conv.source_id, format_sample(conv, tokenizer, cfg.chat_template)))
         except RowRejected as rej:

@@ -1,8 +1,9 @@
 """Plain lm-eval runner (no Ray): evaluate one saved model on local or registry tasks.
 
-`evaluate_model` loads the model once and calls `lm_eval.simple_evaluate` once per few-shot
-setting (tasks grouped by `cfg.num_fewshot`), so a config can mix e.g. 0-shot and 5-shot
-tasks. The returned dict is {task: {metric: value}} with lm-eval's `,<filter>` suffixes
+`evaluate_model` loads the model once and calls `lm_eval.simple_evaluate` once per
+(few-shot count, limit) setting (`plan_calls`: lm-eval takes one `num_fewshot` and one
+`limit` per call), so a config can mix 0-shot tasks with `limit: 0.99` and 1-shot TydiQA
+with 100 examples per language; the calls' results are merged per model. The returned dict is {task: {metric: value}} with lm-eval's `,<filter>` suffixes
 removed; the full JSON-safe results are written to `eval_results.json` beside the model.
 """
 
@@ -13,6 +14,7 @@ import math
 import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,46 @@ def group_tasks_by_fewshot(tasks: list[str], num_fewshot: dict[str, int]) -> dic
     for task in tasks:
         groups[num_fewshot.get(task)].append(task)
     return dict(groups)
+
+
+@dataclass(frozen=True)
+class EvalCall:
+    """One `lm_eval.simple_evaluate` call: the tasks that share a shot count and a limit."""
+
+    tasks: tuple[str, ...]
+    num_fewshot: int | None  # None = each task's own default
+    limit: int | float | None
+
+    def describe(self) -> str:
+        shots = "task default shots" if self.num_fewshot is None else f"{self.num_fewshot}-shot"
+        limit = "all examples" if self.limit is None else (
+            f"limit {self.limit:g} (fraction)" if isinstance(self.limit, float) else
+            f"limit {self.limit} per task")
+        return f"{shots}, {limit}: {', '.join(self.tasks)}"
+
+
+def plan_calls(cfg: EvaluateConfig) -> list[EvalCall]:
+    """cfg.tasks grouped by (shots, limit) in first-appearance order: one lm-eval call each."""
+    groups: dict[tuple[int | None, int | float | None], list[str]] = {}
+    for task in cfg.tasks:
+        key = (cfg.num_fewshot.get(task), cfg.task_limit.get(task, cfg.limit))
+        groups.setdefault(key, []).append(task)
+    return [EvalCall(tuple(tasks), shots, limit) for (shots, limit), tasks in groups.items()]
+
+
+def describe_plan(cfg: EvaluateConfig) -> list[str]:
+    """Human-readable lines: every task with its shots and limit, the calls, the headline."""
+    calls = plan_calls(cfg)
+    lines = [f"{len(cfg.tasks)} lm-eval tasks in {len(calls)} call(s)"
+             + (f", seed {cfg.seed}" if cfg.seed is not None else "") + ":"]
+    lines += [f"  call {i + 1}: {call.describe()}" for i, call in enumerate(calls)]
+    if cfg.benchmarks:
+        lines.append(f"headline: average over {len(cfg.benchmarks)} benchmarks:")
+        for name, spec in cfg.benchmarks.items():
+            shots = sorted({str(cfg.num_fewshot.get(t, "default")) for t in spec.tasks})
+            over = f"mean over {len(spec.tasks)} tasks" if len(spec.tasks) > 1 else spec.tasks[0]
+            lines.append(f"  {name}: {spec.metric} ({over}), {'/'.join(shots)}-shot")
+    return lines
 
 
 def normalise_metrics(task_results: dict[str, Any]) -> dict[str, float]:
@@ -122,20 +164,31 @@ def run_lm_eval(lm: Any, cfg: EvaluateConfig, include_path: str | None) -> dict[
         os.environ.setdefault(key, value)
     task_manager = build_task_manager(cfg.tasks, include_path)
     merged: dict[str, Any] = defaultdict(dict)
-    for shots, group in group_tasks_by_fewshot(cfg.tasks, cfg.num_fewshot).items():
+    seeds = {} if cfg.seed is None else {  # as lm-eval's `--seed N` sets all four
+        "random_seed": cfg.seed, "numpy_random_seed": cfg.seed,
+        "torch_random_seed": cfg.seed, "fewshot_random_seed": cfg.seed}
+    merged["calls"] = []
+    for call in plan_calls(cfg):
         out = lm_eval.simple_evaluate(
             model=lm,
-            tasks=group,
-            num_fewshot=shots,
+            tasks=list(call.tasks),
+            num_fewshot=call.num_fewshot,
             batch_size=cfg.batch_size,
-            limit=cfg.limit,
+            limit=call.limit,
             task_manager=task_manager,
             log_samples=False,
             bootstrap_iters=0,  # stderr bootstraps cost minutes on CPU and are not reported
+            **seeds,
         )
+        merged["calls"].append({"tasks": list(call.tasks), "num_fewshot": call.num_fewshot,
+                                "limit": call.limit})
         if out is None:  # non-zero rank in a distributed launch: nothing to merge
             continue
         for section in ("results", "n-shot", "versions", "n-samples", "higher_is_better"):
+            clash = set(merged[section]) & set(out.get(section) or {})
+            if section == "results" and clash:  # a group task may repeat a listed subtask
+                raise ValueError(f"evaluate.tasks: {sorted(clash)} evaluated by two lm-eval "
+                                 "calls with different shots or limits; list each task once")
             merged[section].update(out.get(section) or {})
     return dict(merged)
 
@@ -176,6 +229,7 @@ def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None
             "tasks": list(cfg.tasks),
             "num_fewshot": dict(cfg.num_fewshot),
             "limit": cfg.limit,
+            "task_limit": dict(cfg.task_limit),
             "metrics": metrics,
             "lm_eval": raw,
         }

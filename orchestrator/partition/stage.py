@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from orchestrator.cache import atomic_path, atomic_write_json, commit_temp, temp_path
 from orchestrator.config import PartitionConfig
 from orchestrator.method.partition import (
+    auroc,
     global_threshold,
     partition_global,
     partition_per_sample,
@@ -46,7 +47,50 @@ from orchestrator.partition.threshold import (
 from orchestrator.scoring.blocks import score_files
 
 OUTPUT_FILE = "partitioned.parquet"
-_STATS_COLUMNS = ["_score", "_class", "_noise"]
+_STATS_COLUMNS = ["_score", "_class", "_noise", "_kind"]
+
+
+# ------------------------------------------------------------- noise detection per kind
+
+
+def noise_kind_names(tokens_path: Path) -> list[str]:
+    """The noise kinds named by the tokens' per-sample `noise_kind` column (sorted), or []."""
+    if "noise_kind" not in pq.read_schema(tokens_path).names:
+        return []
+    column = pq.read_table(tokens_path, columns=["noise_kind"])["noise_kind"]
+    return sorted(k for k in set(column.to_pylist()) if k)
+
+
+def token_kind_codes(rs, names: list[str]) -> np.ndarray:
+    """int8 per response token: the index in `names` of its sample's noise kind, -1 if none."""
+    if not names or "noise_kind" not in rs.table.column_names:
+        return np.full(rs.scores.size, -1, dtype=np.int8)
+    lookup = {k: i for i, k in enumerate(names)}
+    per_sample = np.array([lookup.get(k, -1) for k in rs.table["noise_kind"].to_pylist()], np.int8)
+    return np.repeat(per_sample, np.diff(rs.offsets))
+
+
+def noise_kind_stats(scores: np.ndarray, classes: np.ndarray, noise_mask: np.ndarray,
+                     kind_codes: np.ndarray, names: list[str]) -> dict[str, dict]:
+    """Per noise kind: how many noise tokens it has, the recall of the negative set on them,
+    and the AUROC of -score separating them from the clean tokens (noise_mask == 0; the
+    other kinds' noise tokens are left out, so each kind is judged on its own)."""
+    noise = np.asarray(noise_mask).astype(bool)
+    clean = ~noise
+    scores = np.asarray(scores, dtype=np.float64)
+    out: dict[str, dict] = {}
+    for code, name in enumerate(names):
+        mine = noise & (np.asarray(kind_codes) == code)
+        n = int(mine.sum())
+        if n == 0:
+            continue
+        both = mine | clean
+        out[name] = {
+            "n_noise": n,
+            "recall": int(np.count_nonzero(np.asarray(classes)[mine] == -1)) / n,
+            "auroc": auroc(-scores[both], mine[both]),
+        }
+    return out
 
 
 # ----------------------------------------------------------- per-batch functions (Ray Data)
@@ -74,7 +118,7 @@ def _bracket_batch(table: pa.Table, index: list[dict], bin_index: int) -> pa.Tab
 
 
 def _classify_batch(table: pa.Table, index: list[dict], mode: str, rho: float,
-                    cut: dict | None, stride: int) -> pa.Table:
+                    cut: dict | None, stride: int, kind_names: list[str]) -> pa.Table:
     rs = _join(table, index)
     if mode == "per_sample":
         classes = partition_per_sample(rs.scores, rs.offsets, rho)
@@ -93,7 +137,8 @@ def _classify_batch(table: pa.Table, index: list[dict], mode: str, rho: float,
     offs = pa.array(np.concatenate(([0], np.cumsum(per_sample))).astype(np.int32))
     noise = rs.noise if rs.noise is not None else np.zeros(rs.scores.size, dtype=np.int8)
     for name, values, typ in (("_score", rs.scores, pa.float32()), ("_class", classes, pa.int8()),
-                              ("_noise", noise, pa.int8())):
+                              ("_noise", noise, pa.int8()),
+                              ("_kind", token_kind_codes(rs, kind_names), pa.int8())):
         out = out.append_column(name, pa.ListArray.from_arrays(offs, pa.array(values[keep], typ)))
     # Exact batch counts on the first row (0 on the others), summed by the driver.
     first = np.arange(out.num_rows) == 0
@@ -110,7 +155,8 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def _in_memory(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_path: Path):
+def _in_memory(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_path: Path,
+               kind_names: list[str]):
     tokens = pq.read_table(tokens_path)
     scores = pa.concat_tables([
         pq.read_table(p, columns=["sample_id", "base_loss", "ref_loss"]) for p in score_files(scores_path)
@@ -126,11 +172,11 @@ def _in_memory(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_p
     _write_atomic(rs.with_classes(classes), out_path)
     n_pos = int(np.count_nonzero(classes == 1))
     info.update(n_samples=len(rs.sample_ids), exact_n_tokens=int(rs.scores.size), exact_n_positive=n_pos)
-    return rs.scores, classes, rs.noise, info
+    return rs.scores, classes, rs.noise, token_kind_codes(rs, kind_names), info
 
 
 def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_path: Path,
-                 rows_per_block: int, stride: int):
+                 rows_per_block: int, stride: int, kind_names: list[str]):
     import ray
 
     index = build_score_index(scores_path)
@@ -169,7 +215,8 @@ def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out
     try:
         mapped = tokens_ds().map_batches(
             _classify_batch, batch_format="pyarrow",
-            fn_kwargs={"index": index, "mode": cfg.mode, "rho": cfg.rho, "cut": cut, "stride": stride})
+            fn_kwargs={"index": index, "mode": cfg.mode, "rho": cfg.rho, "cut": cut, "stride": stride,
+                       "kind_names": kind_names})
         for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
             for c in _STATS_COLUMNS:
                 flat[c].append(batch[c].combine_chunks().flatten().to_numpy(zero_copy_only=False))
@@ -187,9 +234,9 @@ def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out
     if writer is None:
         raise ValueError(f"{tokens_path}: no token rows to partition")
     commit_temp(tmp, out_path)
-    scores, classes, noise = (np.concatenate(flat[c]) for c in _STATS_COLUMNS)
+    scores, classes, noise, kinds = (np.concatenate(flat[c]) for c in _STATS_COLUMNS)
     info.update(n_samples=n_samples, exact_n_tokens=n_resp, exact_n_positive=n_pos)
-    return scores, classes, (noise if has_noise else None), info
+    return scores, classes, (noise if has_noise else None), kinds, info
 
 
 def _total_tokens(tokens_path: Path) -> int:
@@ -221,14 +268,18 @@ def run_partition(
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / OUTPUT_FILE
     total = _total_tokens(tokens_path)
+    kind_names = noise_kind_names(tokens_path)
     if total <= in_memory_max_tokens:
-        scores, classes, noise, info = _in_memory(tokens_path, scores_path, cfg, out_path)
+        scores, classes, noise, kinds, info = _in_memory(tokens_path, scores_path, cfg, out_path,
+                                                         kind_names)
         stride = 1
     else:
         stride = max(1, math.ceil(total / stats_max_tokens))
-        scores, classes, noise, info = _distributed(tokens_path, scores_path, cfg, out_path,
-                                                    rows_per_block, stride)
+        scores, classes, noise, kinds, info = _distributed(
+            tokens_path, scores_path, cfg, out_path, rows_per_block, stride, kind_names)
     stats = partition_stats(scores, classes, noise, bins=cfg.histogram_bins)
+    if noise is not None and kind_names:
+        stats["noise_by_kind"] = noise_kind_stats(scores, classes, noise, kinds, kind_names)
     n_tokens = info.pop("exact_n_tokens")
     n_pos = info.pop("exact_n_positive")
     report = {

@@ -1,28 +1,78 @@
-"""Compare methods across model families: mean ± std over seeds of every eval metric.
+"""Compare methods across model families: mean ± std over seeds, paired effects, noise detection.
 
 Reads the child runs of one pipeline invocation (the latest parent run by default) with
 `mlflow.search_runs`, so it works on any store the pipeline logged to, local or remote.
+Rows, columns and plot bars follow the config (`CompareOrder`): families in `models`
+order, methods as base then `train.methods`, metrics by `evaluate.tasks` order (metrics of
+one task alphabetically), so two runs of one config print the same layout.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from orchestrator.evaluation.benchmarks import AVERAGE, benchmark_scores
+from orchestrator.tracking.compare_plots import bar_charts, effect_chart
+from orchestrator.tracking.effect import CONFIDENCE, PAIRS, PairedEffect, family_effects
 from orchestrator.tracking.tracker import KIND_TAG, PARENT_TAG, RunLogger, TrackingTarget
 
 EVAL_PREFIX = "metrics.eval/"
+PARTITION_PREFIX = "metrics.partition/"
 METHOD_ORDER = ("base", "sft", "ignore", "forget")
+_KEYS = ("family", "method", "seed")
+# Partition metrics shown in the noise-detection table, in this order.
+NOISE_OVERALL = ("auroc", "precision", "recall", "f1")
 
 
-def mean_std_text(values: list[float], digits: int = 3) -> str:
+@dataclass
+class CompareOrder:
+    """Display order (and the headline benchmarks) taken from the experiment config."""
+
+    families: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: list(METHOD_ORDER))
+    tasks: list[str] = field(default_factory=list)
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    noise_kinds: list[str] = field(default_factory=list)
+    confidence: float = CONFIDENCE
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> CompareOrder:
+        methods = ["base"] + [m for m in cfg.train.methods if m != "base"]
+        return cls(families=[m.name for m in cfg.models], methods=methods,
+                   tasks=list(cfg.evaluate.tasks),
+                   benchmarks={k: v.model_dump() for k, v in cfg.evaluate.benchmarks.items()},
+                   noise_kinds=list(cfg.data.synthetic.noise_kinds))
+
+    def family_key(self, fam: str) -> tuple[int, str]:
+        return (self.families.index(fam) if fam in self.families else len(self.families), fam)
+
+    def method_key(self, method: str) -> tuple[int, int, str]:
+        if method in self.methods:
+            return (0, self.methods.index(method), method)
+        return (1, METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+    def metric_key(self, col: str) -> tuple[int, int, str, str]:
+        if col in self.benchmarks:  # headline columns first, in config order, then the average
+            return (0, list(self.benchmarks).index(col), "", "")
+        if col == AVERAGE:
+            return (0, len(self.benchmarks), "", "")
+        task, _, metric = col.partition("/")
+        if task in self.tasks:
+            return (1, self.tasks.index(task), "", metric)
+        return (2, 0, task, metric)
+
+
+def mean_std_text(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
     """`0.523 ± 0.012`: sample std (ddof=1) over seeds; a single seed has no spread (`± -`)."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
+    vals = [v * scale for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return "-"
     mean = sum(vals) / len(vals)
@@ -69,28 +119,36 @@ def latest_parent_run_id(tracking_uri: str, experiment: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def load_eval_runs(tracking_uri: str, experiment: str,
-                   parent_run_id: str | None = None) -> pd.DataFrame:
-    """One row per run that has eval metrics and a `method` tag, under `parent_run_id`
-    (default: the latest parent run; every run of the experiment when there is none)."""
+def _child_runs(tracking_uri: str, experiment: str, parent_run_id: str | None) -> pd.DataFrame:
     import mlflow
 
     parent = parent_run_id or latest_parent_run_id(tracking_uri, experiment)
     filt = f"tags.`{PARENT_TAG}` = '{parent}'" if parent else ""
     with _tracking_uri(tracking_uri):
-        runs = mlflow.search_runs(experiment_names=[experiment], filter_string=filt,
+        return mlflow.search_runs(experiment_names=[experiment], filter_string=filt,
                                   max_results=50000, output_format="pandas")
+
+
+def _family_column(runs: pd.DataFrame) -> pd.Series:
+    # Group by the model name when runs carry it (two models may share a family).
+    family = runs["tags.model"] if "tags.model" in runs.columns else runs["tags.family"]
+    return family.fillna(runs.get("tags.family")).astype(str)
+
+
+def load_eval_runs(tracking_uri: str, experiment: str,
+                   parent_run_id: str | None = None) -> pd.DataFrame:
+    """One row per run that has eval metrics and a `method` tag, under `parent_run_id`
+    (default: the latest parent run; every run of the experiment when there is none)."""
+    runs = _child_runs(tracking_uri, experiment, parent_run_id)
     if runs.empty or "tags.method" not in runs.columns:
         return pd.DataFrame()
-    metric_cols = [c for c in runs.columns if c.startswith(EVAL_PREFIX)]
+    metric_cols = sorted(c for c in runs.columns if c.startswith(EVAL_PREFIX))
     runs = runs[runs["tags.method"].notna()]
     if not metric_cols or runs.empty:
         return pd.DataFrame()
     runs = runs.dropna(subset=metric_cols, how="all")
-    # Group by the model name when runs carry it (two models may share a family).
-    family = runs["tags.model"] if "tags.model" in runs.columns else runs["tags.family"]
     out = pd.DataFrame({
-        "family": family.fillna(runs.get("tags.family")).astype(str),
+        "family": _family_column(runs),
         "method": runs["tags.method"].astype(str),
         "seed": runs["tags.seed"].astype(str) if "tags.seed" in runs.columns else "-",
     })
@@ -99,20 +157,146 @@ def load_eval_runs(tracking_uri: str, experiment: str,
     return out.reset_index(drop=True)
 
 
-def _method_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def load_partition_runs(tracking_uri: str, experiment: str,
+                        parent_run_id: str | None = None) -> pd.DataFrame:
+    """One row per family with the partition's noise-detection metrics (columns without the
+    `partition/` prefix), from the partition stage runs under the parent."""
+    runs = _child_runs(tracking_uri, experiment, parent_run_id)
+    if runs.empty or "tags.lethe.stage" not in runs.columns:
+        return pd.DataFrame()
+    runs = runs[runs["tags.lethe.stage"] == "partition"]
+    cols = [c for c in runs.columns if c.startswith(PARTITION_PREFIX)]
+    if runs.empty or not cols:
+        return pd.DataFrame()
+    out = pd.DataFrame({"family": _family_column(runs)})
+    for col in cols:
+        out[col[len(PARTITION_PREFIX):]] = runs[col].astype(float)
+    return out.drop_duplicates("family").reset_index(drop=True)
 
 
-def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(text table, means, stds): rows (family, method), columns `<task>/<metric>`."""
-    metrics = [c for c in runs.columns if c not in ("family", "method", "seed")]
+# ------------------------------------------------------------------------------ tables
+
+
+def with_benchmarks(runs: pd.DataFrame, order: CompareOrder) -> pd.DataFrame:
+    """Per-run headline columns (one per benchmark, then `average`) beside the metrics."""
+    if not order.benchmarks or runs.empty:
+        return runs
+    rows = [benchmark_scores(r, order.benchmarks) for r in runs.to_dict("records")]
+    head = pd.DataFrame(rows, index=runs.index, dtype=float)
+    return pd.concat([runs, head], axis=1)
+
+
+def _metric_columns(runs: pd.DataFrame, order: CompareOrder) -> list[str]:
+    return sorted((c for c in runs.columns if c not in _KEYS), key=order.metric_key)
+
+
+def _row_order(index: Any, order: CompareOrder) -> list[tuple[str, str]]:
+    return sorted(index, key=lambda fm: (order.family_key(fm[0]), order.method_key(fm[1])))
+
+
+def summarise(runs: pd.DataFrame, order: CompareOrder | None = None
+              ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(text table, means, stds): rows (family, method), columns `<task>/<metric>` (and the
+    headline columns when the order names benchmarks), all in config order."""
+    order = order or CompareOrder()
+    runs = with_benchmarks(runs, order)
+    metrics = _metric_columns(runs, order)
     grouped = runs.groupby(["family", "method"], sort=False)
     means = grouped[metrics].mean()
     stds = grouped[metrics].std(ddof=1)
     table = grouped[metrics].agg(lambda s: mean_std_text(list(s)))
     table.insert(0, "seeds", grouped.size())
-    order = sorted(table.index, key=lambda fm: (fm[0], _method_key(fm[1])))
-    return table.loc[order], means.loc[order], stds.loc[order]
+    rows = _row_order(table.index, order)
+    return table.loc[rows], means.loc[rows], stds.loc[rows]
+
+
+def headline_table(runs: pd.DataFrame, order: CompareOrder) -> pd.DataFrame:
+    """The paper's view: benchmarks and their average in points (100 × metric), mean ± std."""
+    if not order.benchmarks or runs.empty:
+        return pd.DataFrame()
+    runs = with_benchmarks(runs, order)
+    cols = [*order.benchmarks, AVERAGE]
+    grouped = runs.groupby(["family", "method"], sort=False)
+    table = grouped[cols].agg(lambda s: mean_std_text(list(s), digits=2, scale=100.0))
+    table.insert(0, "seeds", grouped.size())
+    return table.loc[_row_order(table.index, order)]
+
+
+def effects(runs: pd.DataFrame, order: CompareOrder | None = None,
+            pairs: tuple[tuple[str, str], ...] = PAIRS) -> list[dict[str, Any]]:
+    """Paired differences per family and metric: [{family, metric, effect: PairedEffect}]."""
+    order = order or CompareOrder()
+    runs = with_benchmarks(runs, order)
+    out: list[dict[str, Any]] = []
+    if runs.empty:
+        return out
+    metrics = _metric_columns(runs, order)
+    families = sorted(set(runs["family"]), key=order.family_key)
+    for fam in families:
+        sub = runs[runs["family"] == fam]
+        for metric in metrics:
+            per_seed = {m: dict(zip(g["seed"], g[metric], strict=True))
+                        for m, g in sub.groupby("method")}
+            for eff in family_effects(per_seed, pairs=pairs, confidence=order.confidence):
+                out.append({"family": fam, "metric": metric, "effect": eff})
+    return out
+
+
+def effect_table(records: list[dict[str, Any]], scale: float = 1.0, digits: int = 3,
+                 metrics: list[str] | None = None) -> pd.DataFrame:
+    """Rows (family, "a − b"), a column `n` (paired seeds), one cell per metric."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for rec in records:
+        eff: PairedEffect = rec["effect"]
+        if metrics is not None and rec["metric"] not in metrics:
+            continue
+        row = rows.setdefault((rec["family"], f"{eff.a} − {eff.b}"), {"n": eff.n})
+        row[rec["metric"]] = eff.cell(scale, digits)
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["family", "difference"])
+    return table
+
+
+def verdict_lines(records: list[dict[str, Any]], metrics: list[str] | None = None) -> list[str]:
+    """One line per (family, difference): which metrics are above the seed noise."""
+    grouped: dict[tuple[str, str], list[tuple[str, PairedEffect]]] = {}
+    for rec in records:
+        if metrics is None or rec["metric"] in metrics:
+            eff = rec["effect"]
+            grouped.setdefault((rec["family"], f"{eff.a} − {eff.b}"), []).append((rec["metric"], eff))
+    lines = []
+    for (fam, diff), items in grouped.items():
+        n = max(e.n for _, e in items)
+        if n < 2:
+            lines.append(f"  {fam}  {diff}: one seed: no interval, cannot tell effect from noise")
+            continue
+        up = [m for m, e in items if e.significant and e.mean > 0]
+        down = [m for m, e in items if e.significant and e.mean < 0]
+        noise = [m for m, e in items if not e.significant]
+        parts = ([f"better beyond the seed noise on {', '.join(up)}"] if up else []) + (
+            [f"worse beyond the seed noise on {', '.join(down)}"] if down else []) + (
+            [f"within the seed noise on {', '.join(noise)}"] if noise else [])
+        lines.append(f"  {fam}  {diff} ({n} paired seeds): {'; '.join(parts)}")
+    return lines
+
+
+def noise_table(partitions: pd.DataFrame, order: CompareOrder | None = None) -> pd.DataFrame:
+    """Per family: overall AUROC / precision / recall / F1 of the negative set against the
+    ground-truth noise, then per noise kind the recall and the AUROC (kind vs clean)."""
+    if partitions.empty or "auroc" not in partitions.columns:
+        return pd.DataFrame()
+    order = order or CompareOrder()
+    found = {c.split("/")[1] for c in partitions.columns if c.startswith("noise_kind/")}
+    kinds = [k for k in order.noise_kinds if k in found] + sorted(found - set(order.noise_kinds))
+    cols = [c for c in NOISE_OVERALL if c in partitions.columns]
+    for kind in kinds:
+        cols += [c for c in (f"noise_kind/{kind}/recall", f"noise_kind/{kind}/auroc")
+                 if c in partitions.columns]
+    table = partitions.set_index("family")[cols]
+    table = table.loc[sorted(table.index, key=order.family_key)]
+    return table.rename(columns=lambda c: c.replace("noise_kind/", "").replace("/", " "))
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -121,79 +305,126 @@ def format_table(table: pd.DataFrame) -> str:
     return table.to_string(justify="left")
 
 
-def bar_charts(means: pd.DataFrame, stds: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """One grouped bar chart per metric: families on x, one bar per method, std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    families = list(dict.fromkeys(means.index.get_level_values(0)))
-    methods = sorted(set(means.index.get_level_values(1)), key=_method_key)
-    width = 0.8 / max(len(methods), 1)
-    paths = []
-    for metric in means.columns:
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(families) + 2), 3.6))
-        for j, method in enumerate(methods):
-            xs, ys, errs = [], [], []
-            for i, fam in enumerate(families):
-                if (fam, method) in means.index:
-                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                    ys.append(means.loc[(fam, method), metric])
-                    err = stds.loc[(fam, method), metric]
-                    errs.append(0.0 if pd.isna(err) else err)
-            ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=method)
-        ax.set_xticks(range(len(families)), families)
-        ax.set_ylabel(metric)
-        ax.set_title(metric)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"compare_{metric.replace('/', '__')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+def report_text(runs: pd.DataFrame, partitions: pd.DataFrame, order: CompareOrder) -> str:
+    """The whole comparison as text: methods table, headline, paired effects, noise detection."""
+    if runs.empty:
+        return format_table(pd.DataFrame())
+    pct = f"{order.confidence:.0%}"
+    legend = (f"mean over paired seeds (same seed = same data order and init) [{pct} Student-t "
+              "CI]; * = the CI excludes 0: above the seed noise; one seed: no interval.")
+    table = summarise(runs, order)[0]
+    head_cols = [*order.benchmarks, AVERAGE] if order.benchmarks else []
+    table = table.drop(columns=[c for c in head_cols if c in table.columns])
+    sections = ["Methods (mean ± sample std over seeds):", format_table(table)]
+    records = effects(runs, order)
+    if order.benchmarks:
+        sections += ["", f"Headline: average over {len(order.benchmarks)} benchmarks, in points "
+                     "(100 × metric), mean ± std over seeds:", format_table(headline_table(runs, order))]
+        head = effect_table(records, scale=100.0, digits=2, metrics=head_cols)
+        if not head.empty:
+            sections += ["", f"Headline differences in points: {legend}", format_table(head),
+                         "Verdict:", *verdict_lines(records, head_cols)]
+    else:
+        diffs = effect_table(records)
+        if not diffs.empty:
+            sections += ["", f"Paired differences: {legend}", format_table(diffs), "Verdict:",
+                         *verdict_lines(records)]
+    noise = noise_table(partitions, order)
+    if not noise.empty:
+        sections += ["", "Noise detection by the partition, per family (negative set vs the "
+                     "ground-truth noise tokens; AUROC of -score as a noise detector; per kind: "
+                     "recall of the negative set, AUROC of that kind's tokens vs clean tokens):",
+                     noise.to_string(float_format=lambda v: f"{v:.3f}")]
+    return "\n".join(sections)
 
 
-def compare(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
+# ------------------------------------------------------------------------------ entry points
+
+
+def compare(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
+            order: CompareOrder | None = None) -> pd.DataFrame:
     """The comparison table (rows family × method, `mean ± std` text per task metric)."""
     runs = load_eval_runs(tracking_uri, experiment, parent_run_id)
     if runs.empty:
         return pd.DataFrame()
-    return summarise(runs)[0]
+    return summarise(runs, order)[0]
+
+
+def comparison_report(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
+                      order: CompareOrder | None = None) -> str:
+    """What `lethe compare` prints: every table of `report_text`."""
+    order = order or CompareOrder()
+    runs = load_eval_runs(tracking_uri, experiment, parent_run_id)
+    return report_text(runs, load_partition_runs(tracking_uri, experiment, parent_run_id), order)
+
+
+def effect_records_json(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"family": r["family"], "metric": r["metric"], **r["effect"].to_dict()} for r in records]
 
 
 def cli_compare(tracking_uri: str, experiment: str, out_dir: str | Path | None = None, *,
                 parent_run_id: str | None = None, log_to_mlflow: bool = True,
-                print_table: bool = True) -> pd.DataFrame:
-    """`lethe compare`: print the table, write compare.txt / .csv / PNGs to out_dir and log
-    them as artifacts of the parent run (under `compare/`)."""
+                print_table: bool = True, order: CompareOrder | None = None) -> pd.DataFrame:
+    """`lethe compare`: print the report, write compare.txt / .csv, effects.json, noise.csv
+    and the PNGs to out_dir and log them (plus summary metrics) on the parent run."""
+    order = order or CompareOrder()
     runs = load_eval_runs(tracking_uri, experiment, parent_run_id)
     if runs.empty:
         if print_table:
             print(format_table(pd.DataFrame()))
         return pd.DataFrame()
-    table, means, stds = summarise(runs)
-    text = format_table(table)
+    partitions = load_partition_runs(tracking_uri, experiment, parent_run_id)
+    table, means, stds = summarise(runs, order)
+    text = report_text(runs, partitions, order)
     if print_table:
         print(text)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.txt").write_text(text + "\n")
-        table.to_csv(out / "compare.csv")
-        charts = bar_charts(means, stds, out)
-        if log_to_mlflow:
-            parent = parent_run_id or latest_parent_run_id(tracking_uri, experiment)
-            _log_compare_artifacts(tracking_uri, experiment, parent, [
-                out / "compare.txt", out / "compare.csv", *charts])
+    if out_dir is None:
+        return table
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = effects(runs, order)
+    (out / "compare.txt").write_text(text + "\n")
+    table.to_csv(out / "compare.csv")
+    (out / "effects.json").write_text(json.dumps(effect_records_json(records), indent=2))
+    files = [out / "compare.txt", out / "compare.csv", out / "effects.json"]
+    noise = noise_table(partitions, order)
+    if not noise.empty:
+        noise.to_csv(out / "noise_detection.csv")
+        files.append(out / "noise_detection.csv")
+    files += bar_charts(means, stds, out, order)
+    for metric in means.columns:
+        scale = 100.0 if metric in order.benchmarks or metric == AVERAGE else 1.0
+        chart = effect_chart(records, metric, out, order, scale)
+        if chart is not None:
+            files.append(chart)
+    if log_to_mlflow:
+        parent = parent_run_id or latest_parent_run_id(tracking_uri, experiment)
+        _log_compare(tracking_uri, experiment, parent, files,
+                     summary_metrics(means, stds, records, partitions))
     return table
 
 
-def _log_compare_artifacts(tracking_uri: str, experiment: str, parent: str | None,
-                           files: list[Path]) -> None:
+def summary_metrics(means: pd.DataFrame, stds: pd.DataFrame, records: list[dict[str, Any]],
+                    partitions: pd.DataFrame) -> dict[str, float]:
+    """Flat metrics for the parent run: `compare/<family>/<method>/<col>/{mean,std}`,
+    `effect/<family>/<a>-<b>/<col>/{mean,lo,hi,above_noise}`, `noise/<family>/<col>`."""
+    out: dict[str, float] = {}
+    for (fam, method), row in means.iterrows():
+        for col, value in row.items():
+            out[f"compare/{fam}/{method}/{col}/mean"] = value
+            out[f"compare/{fam}/{method}/{col}/std"] = stds.loc[(fam, method), col]
+    for rec in records:
+        eff = rec["effect"]
+        key = f"effect/{rec['family']}/{eff.a}-{eff.b}/{rec['metric']}"
+        out.update({f"{key}/mean": eff.mean, f"{key}/lo": eff.lo, f"{key}/hi": eff.hi,
+                    f"{key}/above_noise": float(eff.significant)})
+    for row in partitions.to_dict("records"):
+        out.update({f"noise/{row['family']}/{k}": v for k, v in row.items() if k != "family"})
+    return {k: v for k, v in out.items() if v is not None and not pd.isna(v)}
+
+
+def _log_compare(tracking_uri: str, experiment: str, parent: str | None,
+                 files: list[Path], metrics: dict[str, float]) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -207,6 +438,7 @@ def _log_compare_artifacts(tracking_uri: str, experiment: str, parent: str | Non
     logger = RunLogger(client, TrackingTarget(tracking_uri, experiment, run_id))
     for path in files:
         logger.log_artifact(path, "compare")
+    logger.log_metrics(metrics)
     if created:
         logger.end()
 
