@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,131 @@ def test_failed_evaluation_keeps_and_logs_finished_models(tmp_path, monkeypatch,
     assert cli.error_line(err.value) == (
         "evaluation failed for 1 of 2 model(s), finished results kept (a rerun evaluates only "
         "the failed): m/forget/s0: OSError: model.safetensors truncated")
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+class FlakyClient:
+    """An MlflowClient stand-in that is 'down' for the first `fail` calls."""
+
+    def __init__(self, real, fail: int) -> None:
+        self.real, self.fail, self.calls = real, fail, 0
+
+    def __getattr__(self, name):
+        target = getattr(self.real, name)
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls <= self.fail:
+                raise ConnectionError("connection refused (simulated outage)")
+            return target(*args, **kwargs)
+
+        return call
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_logging_outage_buffers_retries_and_flushes(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.resilient import ResilientRun
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = FlakyClient(MlflowClient(uri), fail=3)
+    run = ResilientRun(uri, create={"experiment": "e", "run_name": "r", "tags": {}},
+                       spool_dir=tmp_path / "spool", label="drill", client=client)
+    t0 = time.monotonic()
+    for step in range(1, 21):
+        run.log_metrics({"loss": 1.0 / step}, step)
+    assert time.monotonic() - t0 < 0.5  # the caller never waits for MLflow
+    assert run.close("FINISHED", timeout=30) is True
+    assert _history(uri, run.run_id, "loss") == [(s, 1.0 / s) for s in range(1, 21)]
+    assert MlflowClient(uri).get_run(run.run_id).info.status == "FINISHED"
+    out = capsys.readouterr().out
+    assert "unreachable" in out and "is back" in out
+    assert not list((tmp_path / "spool").glob("*.jsonl"))  # nothing left behind
+
+
+def test_metrics_mlflow_never_took_are_spooled_then_synced(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.resilient import SPOOL_DIRNAME, ResilientRun, sync_pending
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = MlflowClient(uri).create_experiment("e")
+    run_id = MlflowClient(uri).create_run(exp).info.run_id
+    down = FlakyClient(MlflowClient(uri), fail=10**9)
+    spool = tmp_path / "stages" / "train" / "abc" / SPOOL_DIRNAME
+    run = ResilientRun(uri, run_id=run_id, spool_dir=spool, label="m/forget/s0", client=down)
+    run.log_params({"lr": 0.001})
+    for step in range(1, 11):
+        run.log_metrics({"loss": float(step)}, step)
+    assert run.close("FINISHED", timeout=1.5) is False
+    assert "lethe sync" in capsys.readouterr().out
+    assert len(list(spool.glob("*.jsonl"))) == 1
+    counts = sync_pending(tmp_path, uri)
+    assert counts["files"] == 1 and counts["metric_values"] == 10
+    assert _history(uri, run_id, "loss") == [(s, float(s)) for s in range(1, 11)]
+    got = MlflowClient(uri).get_run(run_id)
+    assert got.data.params == {"lr": "0.001"} and got.info.status == "FINISHED"
+    assert not list(spool.glob("*.jsonl"))
+    assert sync_pending(tmp_path, uri)["files"] == 0  # replaying twice is a no-op
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server runs in its own process group
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_training(tmp_path, capsys):
+    """A real `mlflow server` on 127.0.0.1, SIGKILLed while rank 0 logs: logging never
+    blocks, and every metric reaches the store once the server is back."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.ui import start_ui, stop_ui
+    from orchestrator.training.mlflow_logging import TrainingCurves
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    port = _free_port()
+    server = lambda: start_ui(store, port=port, artifacts_dir=tmp_path / "art",  # noqa: E731
+                              timeout=180)
+    proc = server()
+    try:
+        target = {"tracking_uri": f"http://127.0.0.1:{port}", "experiment": "drill",
+                  "spool_dir": str(tmp_path / "run" / "mlflow_pending"), "flush_timeout_s": 90}
+        curves = TrainingCurves(target, rank=0, run_name="drill", params={"lr": 0.001})
+        assert curves.run_id is not None
+        for step in range(1, 11):
+            curves.log({"loss": 1.0 / step}, step)
+        _kill_group(proc)  # the server dies mid-training
+        t0 = time.monotonic()
+        for step in range(11, 31):
+            curves.log({"loss": 1.0 / step}, step)
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 5.0  # training was never held up by logging
+        proc = server()  # back on the same store
+        assert curves.finish() is True  # buffered metrics flushed
+        assert _history(store, curves.run_id, "loss") == [(s, 1.0 / s) for s in range(1, 31)]
+        assert MlflowClient(store).get_run(curves.run_id).info.status == "FINISHED"
+        # (an outage that outlasts training: test_metrics_mlflow_never_took_are_spooled_...)
+    finally:
+        stop_ui(proc)

@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestrator.config import ExperimentConfig, ModelSpec
 from orchestrator.tracking import Tracker
+from orchestrator.tracking.resilient import SPOOL_DIRNAME
 
 INSPECT_SAMPLES = 3  # inspector pages logged per model (noisy samples first)
 _STAGE_RUNS = ("partition", "reference")  # per-model stage runs, kept out of `compare`
@@ -104,7 +105,8 @@ class PipelineTracking:
         return MlflowTarget(tracking_uri=self.tracker.uri, experiment=self.tracker.experiment,
                             parent_run_id=self.parent.run_id if self.parent else None,
                             run_id=run.run_id, run_name=run.target.run_name,
-                            tags=dict(run.target.tags))
+                            tags=dict(run.target.tags),
+                            spool_dir=str(self.root / SPOOL_DIRNAME))
 
     # ------------------------------------------------------------------ stage results
 

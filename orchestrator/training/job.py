@@ -30,6 +30,9 @@ class MlflowTarget:
     # An existing run created by the driver (the pipeline's (model, method, seed) run): the
     # curves go there, beside the evaluation metrics, instead of a new nested run.
     run_id: str | None = None
+    # Where metrics MLflow did not take are kept for `lethe sync` (None: beside a sqlite
+    # store, else the system temp dir); see orchestrator/training/mlflow_logging.py.
+    spool_dir: str | None = None
 
 
 @dataclass

@@ -2,61 +2,77 @@
 
 With no target every call is a no-op, so the loop never branches on tracking. After a
 resume the same MLflow run continues: its id is kept in the trainer state of the checkpoint.
+
+Tracking never stops training: the calls hand their data to a background sender
+(`orchestrator.tracking.resilient.ResilientRun`) and return at once. An unreachable server
+means buffered metrics, retries with back-off and a flush when it is back; what has not
+been sent when training ends stays in `mlflow_pending/` for `lethe sync`, with a warning.
 """
 
 from __future__ import annotations
 
 import math
-import time
+import tempfile
+from pathlib import Path
 from typing import Any
+
+# How long the end of training waits for buffered metrics to reach MLflow.
+DEFAULT_FLUSH_TIMEOUT_S = 30.0
+# How long a new run may take to be created before training goes on without its id.
+CREATE_WAIT_S = 15.0
+
+
+def default_spool_dir(tracking_uri: str) -> Path:
+    """Where unsent metrics go when the target names no folder: beside a sqlite store, else
+    a folder under the system temp dir (the warning prints it)."""
+    from orchestrator.tracking.resilient import SPOOL_DIRNAME
+    from orchestrator.tracking.uri import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    base = db.parent if db is not None else Path(tempfile.gettempdir()) / "lethe"
+    return base / SPOOL_DIRNAME
 
 
 class TrainingCurves:
     def __init__(self, target: dict[str, Any] | None, *, rank: int, run_name: str,
                  params: dict[str, Any], resume_run_id: str | None = None) -> None:
-        self.client = None
+        self.run: Any = None
         self.run_id: str | None = None
         if target is None or rank != 0:
             return
-        from mlflow.tracking import MlflowClient
+        from orchestrator.tracking.resilient import ResilientRun
 
-        self.client = MlflowClient(tracking_uri=target["tracking_uri"])
-        if resume_run_id is not None:
-            self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
+        uri = target["tracking_uri"]
+        spool = target.get("spool_dir") or default_spool_dir(uri)
+        self.flush_timeout = float(target.get("flush_timeout_s") or DEFAULT_FLUSH_TIMEOUT_S)
+        label = target.get("run_name") or run_name
+        existing = resume_run_id or target.get("run_id")
+        if existing:  # a resume, or the driver's run: params too unless resuming
+            self.run = ResilientRun(uri, run_id=existing, spool_dir=spool, label=label)
+            self.run.set_status("RUNNING")
+            if resume_run_id is None:
+                self.run.log_params(params)
+            self.run_id = existing
             return
-        if target.get("run_id"):  # log into the driver's run, params included
-            self.run_id = target["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-            self._log_params(params)
-            return
-        exp = self.client.get_experiment_by_name(target["experiment"])
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(target["experiment"])
         tags = {"lethe.stage": "train", **(target.get("tags") or {})}
         if target.get("parent_run_id"):
             tags["mlflow.parentRunId"] = target["parent_run_id"]
-        run = self.client.create_run(exp_id, run_name=target.get("run_name") or run_name, tags=tags)
-        self.run_id = run.info.run_id
-        self._log_params(params)
-
-    def _log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-        for i in range(0, len(flat), 100):  # MLflow caps params per batch
-            self.client.log_batch(self.run_id, params=flat[i : i + 100])
+        create = {"experiment": target["experiment"], "run_name": label, "tags": tags}
+        self.run = ResilientRun(uri, create=create, spool_dir=spool, label=label)
+        self.run.log_params(params)
+        # The id goes into checkpoints (a resumed run continues the same MLflow run); with
+        # the server down it stays None and the spool file creates the run at sync time.
+        self.run_id = self.run.wait_for_run_id(CREATE_WAIT_S)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
+        if self.run is None:
             return
-        from mlflow.entities import Metric
+        finite = {k: float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        self.run.log_metrics(finite, step)
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.client is not None:
-            self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED") -> bool:
+        """End the run; True when every metric reached MLflow (else they are spooled)."""
+        if self.run is None:
+            return True
+        return self.run.close(status, timeout=self.flush_timeout)
