@@ -43,6 +43,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+class WarmupConfig(Strict):
+    """Warm-up pretraining of a from_config base on clean synthetic text (the stand-in for
+    a pretrained model that already knows the domain; orchestrator/models/warmup.py).
+    Needs data.source 'synthetic': its held-out questions are kept out of the warm-up."""
+
+    steps: int = Field(ge=1)
+    rows: int = Field(default=4000, ge=1)  # clean conversations drawn for the warm-up
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=3e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    # None = data.synthetic.tasks
+    tasks: list[Literal["arithmetic", "world_facts", "list_ops", "string_ops"]] | None = None
+    seed: int = 1
+
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -124,6 +140,7 @@ class ModelSpec(Strict):
     pad_token: str | None = None  # override the family's pad-token fix
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    warmup: WarmupConfig | None = None  # from_config only: pretrain on clean synthetic text
     # A GGUF checkpoint (tokenizer and chat template come from the same file).
     gguf: GGUFSource | None = None
 
@@ -139,6 +156,9 @@ class ModelSpec(Strict):
         if self.gguf is not None and (self.tokenizer is not None or self.revision is not None):
             raise ValueError(f"model '{self.name}': a `gguf` model takes its tokenizer from the "
                              "file; remove `tokenizer` / `revision`")
+        if self.warmup is not None and self.from_config is None:
+            raise ValueError(f"model '{self.name}': `warmup` needs `from_config` (a pretrained "
+                             "model is used as it is)")
         if self.from_config is not None and self.tokenizer is None:
             self.tokenizer = "train"
         return self
@@ -345,7 +365,10 @@ class RayConfig(Strict):
     # the same time. On a cluster the chains share the GPUs through Ray's scheduler; on a
     # laptop running them side by side hides Ray Train's per-run start-up latency.
     max_parallel_models: int = Field(default=1, ge=1)
-    max_parallel_trainings: int = Field(default=1, ge=1)  # methods x seeds of one model
+    # Ray Train runs in flight per model family. Each run trains its share of the family's
+    # methods x seeds one after the other in one worker group (one start-up per run): 1 on a
+    # small machine; on a cluster, as many as there are worker groups' worth of GPUs.
+    max_parallel_trainings: int = Field(default=1, ge=1)
 
 
 class ExperimentConfig(Strict):
@@ -376,6 +399,16 @@ class ExperimentConfig(Strict):
             raise ValueError(f"models: duplicate names {sorted(dup)}")
         if not self.models:
             raise ValueError("models: at least one model is required")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_needs_synthetic(self) -> ExperimentConfig:
+        # The warm-up draws from the synthetic task generators and must avoid the corpus's
+        # held-out questions, which only the synthetic source defines.
+        warm = [m.name for m in self.models if m.warmup is not None]
+        if warm and self.data.source != "synthetic":
+            raise ValueError(f"models {warm}: warmup needs data.source 'synthetic' "
+                             f"(got '{self.data.source}')")
         return self
 
     def to_dict(self) -> dict[str, Any]:

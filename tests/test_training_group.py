@@ -19,8 +19,6 @@ from test_training_support import make_base, make_corpus, make_job
 from orchestrator.training import run_training_local, run_trainings
 from orchestrator.training.loop import FAIL_MARKER
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
 COMMON = {"num_workers": 1, "micro_batch_size": 8, "grad_accum_steps": 1, "epochs": 2.0,
           "lr": 1e-2, "warmup_ratio": 0.0, "deepspeed": None, "checkpoint_every": 4,
           "max_failures": 1, "lambda": {"t_max": 0.5}}
@@ -30,6 +28,8 @@ def _weights(result) -> dict[str, torch.Tensor]:
     return load_file(str(Path(result.export_dir) / "model.safetensors"))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_jobs_share_one_worker_group_and_resume_after_a_failure(ray_local, tmp_path):
     base = make_base(tmp_path / "base")
     data = make_corpus(tmp_path / "corpus.parquet", n=64)
@@ -65,3 +65,20 @@ def test_jobs_share_one_worker_group_and_resume_after_a_failure(ray_local, tmp_p
     again = run_trainings([sft, forget], run_name="family-group", storage_path=storage)
     assert all(r.cached for r in again)
     assert json.loads(Path(r_sft.metrics_path).read_text())["steps"] == 16
+
+
+def test_a_stale_extension_build_lock_is_cleared(tmp_path):
+    """A killed DeepSpeed op build leaves `<op>/lock`; torch waits on it forever."""
+    import os
+    import time
+
+    from orchestrator.training.deepspeed_setup import clear_stale_build_locks
+
+    stale, fresh = tmp_path / "shm_op" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and fresh.exists()  # a build in progress keeps its lock

@@ -144,13 +144,25 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
     if until == "partition":
         return out
 
-    # Every (method, seed) of this family trains in one Ray Train run: one worker-group
-    # start-up instead of one per job.
+    # The (method, seed) jobs of this family train in `max_parallel_trainings` Ray Train runs
+    # (default 1): each run trains its share one after the other in its worker group, so a
+    # worker-group start-up is paid once per run, not once per job. On a cluster, more runs
+    # put more worker groups (GPUs) to work at once.
     jobs = [(m, s) for m in cfg.train.methods for s in _seeds(cfg)]
     requests = [S.TrainRequest(tokens if m == "sft" else partition, m, s,
                                track.target(spec, m, s)) for m, s in jobs]
-    with slots, tl.span("train", name):
-        done = S.train_stages(cfg, spec, base, valid, requests)
+    k = max(1, min(cfg.ray.max_parallel_trainings, len(requests)))
+    groups = [list(range(i, len(requests), k)) for i in range(k)]
+
+    def train_group(idx: list[int]) -> list[S.StageOut]:
+        with slots:
+            return S.train_stages(cfg, spec, base, valid, [requests[i] for i in idx])
+
+    done: list[S.StageOut] = [None] * len(requests)  # type: ignore[list-item]
+    with tl.span("train", name):
+        for idx, outs in zip(groups, _parallel(train_group, groups, k), strict=True):
+            for i, stage_out in zip(idx, outs, strict=True):
+                done[i] = stage_out
     for job, stage_out in zip(jobs, done, strict=True):
         out.models[job] = S.model_path(stage_out)
         out.train_metrics[job] = S.stage_metrics(stage_out)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,55 @@ def build_optimizer(module: nn.Module, lr: float, weight_decay: float, total_ste
     return opt, sched
 
 
+def warn_zero3_for_adapters(module: nn.Module) -> None:
+    """ZeRO-3 all-gathers every frozen base weight on every micro-batch. With adapters
+    (a few % of parameters trainable) and a base that fits on one GPU, ZeRO-2 keeps the
+    base whole on each GPU and is much faster: say so once, at start-up."""
+    params = list(module.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    if not total or trainable / total > 0.1 or not torch.cuda.is_available():
+        return
+    base_bytes = sum(p.numel() * p.element_size() for p in params)
+    gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if base_bytes < 0.5 * gpu_bytes:
+        logging.getLogger(__name__).warning(
+            "ZeRO-3 with %.1f %% trainable parameters and a %.1f GiB model on a %.0f GiB GPU: "
+            "every micro-batch all-gathers the frozen base; configs/deepspeed/zero2.json keeps "
+            "it whole on each GPU and is faster here", 100 * trainable / total,
+            base_bytes / 2**30, gpu_bytes / 2**30)
+
+
+# A build of a DeepSpeed C++ op takes about a minute (several on a loaded 2-core machine).
+STALE_BUILD_LOCK_S = 20 * 60
+
+
+def clear_stale_build_locks(root: str | None = None, max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove torch-extension build locks left by a killed build.
+
+    torch's FileBaton waits for `<TORCH_EXTENSIONS_DIR>/<op>/lock` to disappear, with no
+    timeout: when the process that compiled DeepSpeed's comm op was killed mid-build (a
+    stopped Ray, a cancelled job), every later DeepSpeed start waits forever. A lock older
+    than any real build is removed (ninja then finishes the build incrementally).
+    """
+    import time
+
+    root = root or os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root or not os.path.isdir(root):
+        return []
+    removed = []
+    for lock in Path(root).glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except FileNotFoundError:  # another worker removed it first
+            continue
+    for path in removed:
+        logging.getLogger(__name__).warning("removed a stale torch-extension build lock %s (a killed build left it)", path)
+    return removed
+
+
 class DeepSpeedEngine:
     """A DeepSpeed engine; `step()` is called after every micro-batch (DeepSpeed's rule)."""
 
@@ -112,11 +163,17 @@ class DeepSpeedEngine:
             from deepspeed.runtime.zero import register_external_parameter
 
             register_external_parameter(loss_model, loss_model.head_weight())
+        if self.stage == 3:
+            warn_zero3_for_adapters(loss_model)
+        clear_stale_build_locks()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=loss_model, optimizer=opt, lr_scheduler=sched, config=ds_cfg,
             dist_init_required=False,
         )
         self.module = self.engine.module
+        # LoRA: the frozen base is the base checkpoint; checkpoints keep the adapters only
+        # (every rank otherwise writes the whole base to shared storage at each checkpoint).
+        self.frozen = any(not p.requires_grad for p in loss_model.parameters())
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"],
@@ -140,10 +197,13 @@ class DeepSpeedEngine:
 
     def save(self, directory: Path) -> None:
         # Every rank writes its own ZeRO shard (collective).
-        self.engine.save_checkpoint(str(directory), tag="state")
+        self.engine.save_checkpoint(str(directory), tag="state",
+                                    exclude_frozen_parameters=self.frozen)
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="state")
+        # Frozen parameters are absent from the checkpoint (they are the base's own).
+        path, _ = self.engine.load_checkpoint(str(directory), tag="state",
+                                              load_module_strict=not self.frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
 
@@ -203,7 +263,11 @@ class DDPEngine:
         from safetensors.torch import save_file
 
         if not dist.is_initialized() or dist.get_rank() == 0:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+            frozen = {n for n, p in self.module.named_parameters(remove_duplicate=False)
+                      if not p.requires_grad}
+            # Frozen parameters (a LoRA base) are the base checkpoint's: not saved again.
+            state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()
+                     if k not in frozen}
             # Tied weights appear under two names with one storage; safetensors refuses that.
             seen: dict[int, str] = {}
             unique = {}
@@ -221,7 +285,8 @@ class DDPEngine:
 
         state = load_file(str(directory / "ddp_model.safetensors"), device=str(self.device))
         missing, unexpected = self.module.load_state_dict(state, strict=False)
-        tied = {n for n, _ in self.module.named_parameters()}  # deduplicated names
+        # deduplicated names; frozen parameters are not in the checkpoint (see save)
+        tied = {n for n, p in self.module.named_parameters() if p.requires_grad}
         if unexpected or (set(missing) & tied):
             raise RuntimeError(f"checkpoint does not match the model: missing "
                                f"{sorted(set(missing) & tied)}, unexpected {sorted(unexpected)}")
