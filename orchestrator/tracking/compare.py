@@ -315,16 +315,19 @@ def report_text(runs: pd.DataFrame, partitions: pd.DataFrame, order: CompareOrde
     table = summarise(runs, order)[0]
     head_cols = [*order.benchmarks, AVERAGE] if order.benchmarks else []
     table = table.drop(columns=[c for c in head_cols if c in table.columns])
-    sections = ["Methods (mean ± sample std over seeds):", format_table(table)]
+    methods = ["Methods (mean ± sample std over seeds):", format_table(table)]
     records = effects(runs, order)
-    if order.benchmarks:
-        sections += ["", f"Headline: average over {len(order.benchmarks)} benchmarks, in points "
+    sections: list[str] = []
+    if order.benchmarks:  # the paper's view first; every task metric after it
+        sections += [f"Headline: average over {len(order.benchmarks)} benchmarks, in points "
                      "(100 × metric), mean ± std over seeds:", format_table(headline_table(runs, order))]
         head = effect_table(records, scale=100.0, digits=2, metrics=head_cols)
         if not head.empty:
             sections += ["", f"Headline differences in points: {legend}", format_table(head),
                          "Verdict:", *verdict_lines(records, head_cols)]
+        sections += ["", *methods]
     else:
+        sections += methods
         diffs = effect_table(records)
         if not diffs.empty:
             sections += ["", f"Paired differences: {legend}", format_table(diffs), "Verdict:",
