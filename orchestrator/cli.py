@@ -7,6 +7,7 @@
     lethe ui CONFIG [--port 5000]                           MLflow UI on 127.0.0.1
     lethe inspect CONFIG --model NAME --sample ID           a sample's tokens by score / class
     lethe validate CONFIG [overrides]                       print the resolved config
+    lethe sync CONFIG                                       send metrics spooled in an MLflow outage
     lethe plan CONFIG [overrides] [--address A]             dry run: stages, cache, steps, resources
 """
 
@@ -89,6 +90,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from orchestrator.tracking.resilient import pending_files, sync_pending
+    from orchestrator.tracking.uri import resolve_tracking_uri
+
+    cfg = _load(args)
+    root = Path(cfg.run_dir).resolve() / cfg.name
+    files = pending_files(root)
+    if not files:
+        print(f"[lethe] sync: nothing pending under {root}")
+        return 0
+    uri = resolve_tracking_uri(cfg.tracking, root)
+    counts = sync_pending(root, uri)
+    print(f"[lethe] sync: {counts['metric_values']} metric values in {counts['operations']} "
+          f"operations from {counts['files']} of {len(files)} file(s) sent to "
+          f"{mask_secrets(uri)}")
+    return 1 if counts["failed_files"] else 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
@@ -137,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", default=None, help="also write the HTML page here")
     ins.set_defaults(fn=_cmd_inspect)
     with_config("validate", "print the resolved config").set_defaults(fn=_cmd_validate)
+    with_config("sync", "send metrics MLflow did not take during an outage "
+                "(runs/<name>/**/mlflow_pending)").set_defaults(fn=_cmd_sync)
     plan = with_config("plan", "dry run: stages, hashes, cache, samples, steps, resources")
     plan.add_argument("--address", default=None, help="Ray cluster to check against "
                       "(default: ray.address, else a local instance)")

@@ -282,3 +282,44 @@ def test_mlflow_server_killed_mid_training(tmp_path, capsys):
         # (an outage that outlasts training: test_metrics_mlflow_never_took_are_spooled_...)
     finally:
         stop_ui(proc)
+
+
+def test_failing_run_with_mlflow_down_ends_fast_and_lethe_sync_catches_up(tmp_path, monkeypatch,
+                                                                          capsys):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.pipeline.tracking_glue import PipelineTracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "faults"
+    store = f"sqlite:///{root}/mlflow.db"
+    root.mkdir()
+    exp = MlflowClient(store).create_experiment("faults")
+    ids = [MlflowClient(store).create_run(exp).info.run_id for _ in range(3)]
+
+    class Run:
+        def __init__(self, run_id):
+            self.run_id = run_id
+
+        def end(self, status):  # must not be reached: the server is down
+            raise AssertionError("fail() waited on a dead server")
+
+    class DeadTracker:
+        enabled = True
+        uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+
+    track = PipelineTracking(DeadTracker(), config_from_dict({**MINIMAL, "run_dir": str(tmp_path)}),
+                             root)
+    track.parent = Run(ids[0])
+    track._children = {("m", "sft", "0"): Run(ids[1]), ("m", "forget", "0"): Run(ids[2])}
+    t0 = time.monotonic()
+    track.fail()
+    assert time.monotonic() - t0 < 10
+    assert "FAILED status is kept" in capsys.readouterr().out
+
+    cfg = _config_file(tmp_path, run_dir=str(tmp_path), tracking={"tracking_uri": store})
+    assert cli.main(["sync", str(cfg)]) == 0
+    assert "3 operations from 1 of 1 file(s)" in capsys.readouterr().out
+    assert {MlflowClient(store).get_run(i).info.status for i in ids} == {"FAILED"}
+    assert cli.main(["sync", str(cfg)]) == 0
+    assert "nothing pending" in capsys.readouterr().out

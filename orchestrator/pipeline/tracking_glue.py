@@ -185,6 +185,21 @@ class PipelineTracking:
 
     def fail(self) -> None:
         if self.enabled and self.parent is not None:
+            from orchestrator.tracking.resilient import reachable, spool_operations
+
+            runs = [*self._children.values(), self.parent]
+            # The run is failing, maybe because MLflow is down: one 2-second probe instead of
+            # waiting through MLflow's retries once per run; the FAILED marks wait in the
+            # spool for `lethe sync`.
+            if not reachable(self.tracker.uri):
+                end = int(time.time() * 1000)
+                path = spool_operations(self.root / SPOOL_DIRNAME, "pipeline-failed",
+                                        self.tracker.uri,
+                                        [{"op": "status", "run_id": r.run_id, "status": "FAILED",
+                                          "end_time": end} for r in runs])
+                print(f"[lethe] WARNING: MLflow is unreachable; the runs' FAILED status is kept "
+                      f"in {path} for `lethe sync`", flush=True)
+                return
             for run in self._children.values():
                 run.end("FAILED")
             self.tracker.end_parent("FAILED")

@@ -280,6 +280,26 @@ class ResilientRun:
         return str(self.spool_file)
 
 
+def spool_operations(spool_dir: str | Path, label: str, tracking_uri: str,
+                     ops: list[dict[str, Any]]) -> Path:
+    """Write operations straight to a new spool file (for callers that know the server is
+    down and must not wait for it, e.g. marking runs FAILED at the end of a failed run)."""
+    path = Path(spool_dir) / f"{label.replace('/', '_')}-{secrets.token_hex(4)}.jsonl"
+    header = {"op": "header", "version": 1, "label": label,
+              "tracking_uri": mask_secrets(tracking_uri), "written_at": time.time()}
+    atomic_write_text(path, "\n".join(json.dumps(o) for o in [header, *ops]) + "\n")
+    return path
+
+
+def reachable(tracking_uri: str, timeout: float = 2.0) -> bool:
+    """One quick probe (http(s) stores only; local stores count as reachable)."""
+    try:
+        check_reachable(tracking_uri, timeout=timeout)
+    except TrackingError:
+        return False
+    return True
+
+
 def pending_files(run_root: str | Path) -> list[Path]:
     """Every spool file under a run directory (stage folders included)."""
     return sorted(Path(run_root).rglob(f"{SPOOL_DIRNAME}/*.jsonl"))
