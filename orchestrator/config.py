@@ -266,6 +266,9 @@ class TrainConfig(Strict):
     cpus_per_worker: float = Field(default=0.9, gt=0.0)
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
     checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps; 0 = only at the end
+    # ...and at least this often in minutes of training, so a failure never loses a whole
+    # run (orchestrator/training/checkpoint_policy.py); None = steps only.
+    checkpoint_every_minutes: float | None = Field(default=30.0, gt=0.0)
     max_failures: int = Field(default=0, ge=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     loss_chunk_size: int = Field(default=4096, ge=16)

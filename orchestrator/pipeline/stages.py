@@ -25,7 +25,8 @@ log = logging.getLogger("lethe.pipeline")
 _SCORING_RESOURCE_FIELDS = {"num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "batch_size",
                             "token_budget", "packing"}
 _TRAIN_RESOURCE_FIELDS = {"methods", "use_gpu", "cpus_per_worker", "gpus_per_worker",
-                          "checkpoint_every", "max_failures", "gradient_checkpointing"}
+                          "checkpoint_every", "checkpoint_every_minutes", "max_failures",
+                          "gradient_checkpointing"}
 
 
 @dataclass(frozen=True)
