@@ -275,8 +275,9 @@ def cluster_view(cfg: ExperimentConfig, address: str | None = None) -> tuple[Res
         if target == "local":
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                      logging_level="ERROR", log_to_driver=False)
-            note = (f"a local Ray instance started for this plan (ray.num_cpus="
-                    f"{cfg.ray.num_cpus}); give --address to check a cluster")
+            cpus = cfg.ray.num_cpus if cfg.ray.num_cpus is not None else "all"
+            note = (f"a local Ray instance started for this plan ({cpus} CPUs, as `lethe run` "
+                    "would start it); give --address to check a cluster")
         else:
             ray.init(address=target, logging_level="ERROR", log_to_driver=False)
             note = f"the Ray cluster at {target}"
@@ -317,7 +318,13 @@ def make_plan(cfg: ExperimentConfig, *, address: str | None = None,
         plan.cluster, plan.nodes = resources
         plan.cluster_note = "resources given by the caller"
     else:
-        plan.cluster, plan.nodes, plan.cluster_note = cluster_view(cfg, address)
+        try:
+            plan.cluster, plan.nodes, plan.cluster_note = cluster_view(cfg, address)
+        except Exception as exc:  # Ray's start-up / connection errors have many types
+            plan.cluster_note = "unreachable"
+            plan.problems.append(f"could not reach Ray ({type(exc).__name__}: {exc}); the "
+                                 "resources were not checked")
+            return plan
     plan.problems += placement_problems(plan.asks, plan.cluster, plan.nodes)
     return plan
 
