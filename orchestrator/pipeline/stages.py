@@ -204,7 +204,20 @@ def _spec_of(base: StageOut) -> ModelSpec:
 
 def _train_cfg_for_key(cfg: ExperimentConfig, **updates: Any) -> dict[str, Any]:
     train = cfg.train.model_copy(update=updates).model_dump(mode="json", by_alias=True)
-    return _without(train, _TRAIN_RESOURCE_FIELDS)
+    out = _without(train, _TRAIN_RESOURCE_FIELDS)
+    if out.get("deepspeed"):
+        out["deepspeed"] = _deepspeed_ident(out["deepspeed"])
+    return out
+
+
+def _deepspeed_ident(path: str) -> Any:
+    """The DeepSpeed JSON by content: editing the file retrains, moving it does not."""
+    from orchestrator.training.deepspeed_setup import resolve_config_path
+
+    try:
+        return {"deepspeed_json": path_fingerprint(resolve_config_path(path))["sha256"]}
+    except FileNotFoundError:  # training reports the missing file with its paths
+        return path
 
 
 def reference_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, tokens: StageOut,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orchestrator
+from orchestrator import masking
 from orchestrator.config import ExperimentConfig
 from orchestrator.tracking.uri import (
     check_reachable,
@@ -37,9 +37,6 @@ METRICS_PER_BATCH = 1000
 RUN_TAG_KEYS = ("family", "method", "rho", "lambda_max", "lambda_schedule", "negative_term", "seed")
 KIND_TAG = "lethe.kind"
 PARENT_TAG = "mlflow.parentRunId"
-# Environment variables whose names say "secret": their values must never reach MLflow.
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH",
-                          re.IGNORECASE)
 _METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
@@ -68,15 +65,14 @@ def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def secret_env_values(min_len: int = 6) -> set[str]:
-    """Values of environment variables named like credentials (long enough to be unique)."""
-    return {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= min_len}
+    """Values of environment variables named like credentials (orchestrator.masking's rule)."""
+    return masking.secret_env_values(min_len)
 
 
 def param_value(value: Any, secrets: set[str] | None = None) -> str:
-    """MLflow param text: secrets masked, at most PARAM_VALUE_MAX chars with a visible marker."""
-    text = "None" if value is None else str(value)
-    for secret in secrets or ():
-        text = text.replace(secret, "***")
+    """MLflow param text: secrets masked (orchestrator.masking, plus `secrets`), at most
+    PARAM_VALUE_MAX chars with a visible marker."""
+    text = masking.mask_secrets("None" if value is None else str(value), secrets)
     if len(text) > PARAM_VALUE_MAX:
         text = text[: PARAM_VALUE_MAX - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
     return text
@@ -186,11 +182,12 @@ class RunLogger:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        self.client.log_text(self.run_id, json.dumps(data, indent=2, sort_keys=True, default=str),
-                             artifact_file)
+        # masked: a config holds tracking URIs, paths and hub ids that may carry credentials
+        self.client.log_text(self.run_id, json.dumps(masking.mask_obj(data), indent=2,
+                                                     sort_keys=True, default=str), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, masking.mask_secrets(text), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str, close: bool = True) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
