@@ -214,6 +214,51 @@ def test_compare_mean_std_over_seeds(sqlite_tracker, tmp_path, capsys):
     assert "0.750 ± 0.071" in parent_art.read_text()
 
 
+def test_compare_effects_noise_kinds_and_config_order(sqlite_tracker, tmp_path, capsys):
+    """Through MLflow: the pipeline glue logs partition stats per noise kind and eval
+    metrics; compare prints and logs the paired effects and the noise table, in the
+    config's order of families, methods and tasks."""
+    from orchestrator.pipeline.tracking_glue import PipelineTracking
+    from orchestrator.tracking.compare import CompareOrder, cli_compare, comparison_report
+
+    tracker, cfg, run_dir = sqlite_tracker
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"tasks": ["zz", "aa"]})})
+    track = PipelineTracking(tracker, cfg, run_dir)
+    track.start(cfg, None, "p")
+    specs = {m.name: m for m in cfg.models}
+    results = {}
+    for model, gain in (("m2", 0.05), ("m0", 0.0)):  # logged out of config order on purpose
+        for seed, noise in zip((1, 2, 3), (0.0, 0.03, -0.02), strict=True):
+            for method in ("forget", "sft"):
+                acc = 0.5 + noise + (gain + 0.001 * seed if method == "forget" else 0.0)
+                results[f"{model}/{method}/s{seed}"] = {"aa": {"acc": acc}, "zz": {"f1": acc / 2}}
+        track.log_partition(specs[model], {
+            "auroc": 0.7, "precision": 0.2, "recall": 0.6, "f1": 0.3,
+            "noise_by_kind": {"typo": {"n_noise": 10, "recall": 0.9, "auroc": 0.95},
+                              "wrong_value": {"n_noise": 5, "recall": 0.4, "auroc": 0.55}}},
+            tmp_path)
+    track.log_eval(results, {label: tmp_path for label in results})
+    track.finish_children()
+    order = CompareOrder.from_config(cfg)
+    table = cli_compare(tracker.uri, cfg.name, tmp_path / "cmp", order=order)
+    printed = capsys.readouterr().out
+    assert list(table.index) == [("m0", "sft"), ("m0", "forget"), ("m2", "sft"), ("m2", "forget")]
+    assert list(table.columns) == ["seeds", "zz/f1", "aa/acc"]  # evaluate.tasks order
+    assert "m2  forget − sft (3 paired seeds): better beyond the seed noise on zz/f1, aa/acc" in printed
+    assert "m0  forget − sft (3 paired seeds): within the seed noise on zz/f1, aa/acc" in printed
+    noise_header = next(ln for ln in printed.splitlines() if "wrong_value recall" in ln)
+    assert noise_header.index("wrong_value recall") < noise_header.index("typo recall")  # config order
+    assert comparison_report(tracker.uri, cfg.name, order=order) == printed.rstrip("\n")
+    effects = json.loads((tmp_path / "cmp" / "effects.json").read_text())
+    m2 = next(e for e in effects if e["family"] == "m2" and e["b"] == "sft" and e["metric"] == "aa/acc")
+    assert m2["significant"] and m2["n"] == 3 and m2["confidence"] == 0.95
+    assert (tmp_path / "cmp" / "effect_aa__acc.png").read_bytes()[:4] == b"\x89PNG"
+    parent = _search(tracker.uri, cfg.name, "tags.`lethe.kind` = 'parent'").iloc[0]
+    assert parent["metrics.effect/m2/forget-sft/aa/acc/above_noise"] == 1.0
+    assert parent["metrics.noise/m0/noise_kind/typo/auroc"] == 0.95
+    assert parent["metrics.compare/m2/forget/aa/acc/mean"] == pytest.approx(0.5 + 0.05 + 0.002 + 0.01 / 3)
+
+
 # ------------------------------------------------------------------------ a live server
 
 
