@@ -397,3 +397,93 @@ def test_report_renders_in_headless_chromium(report_page):
     # The inspector pages render inside their frames (sandboxed: no scripts, same document).
     assert len(checks["iframes"]) == 4 and all(n == 5 for n in checks["iframes"]), checks["iframes"]
     assert checks["height"] > 3000
+
+
+# ------------------------------------------------------------------------- MLflow UI view
+
+
+def test_experiment_opens_as_machine_learning_with_a_runs_view(report_page):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.compare import latest_parent_run_id
+    from orchestrator.tracking.tracker import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from orchestrator.tracking.ui import SHARED_VIEW_TAG, runs_view_url
+    from orchestrator.tracking.uri import default_sqlite_uri
+
+    cfg, _ = report_page
+    uri = default_sqlite_uri(run_root(cfg))
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+
+    url = runs_view_url(uri, "http://127.0.0.1:5000/", cfg.name)
+    prefix = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey="
+    assert url.startswith(prefix)
+    key = url[len(prefix):]
+    state = json.loads(client.get_experiment(exp.experiment_id).tags[SHARED_VIEW_TAG + key])
+    parent = latest_parent_run_id(uri, cfg.name)
+    assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}'"
+    cols = state["selectedColumns"]
+    assert cols[:4] == ["tags.`family`", "tags.`model`", "tags.`method`", "tags.`seed`"]
+    assert {"metrics.`eval/lethe_synth_mc/acc`", "metrics.`eval/lethe_synth_mc/acc_norm`"} <= set(cols)
+    assert [k["groupByData"] for k in state["groupBy"]["groupByKeys"]] == ["model", "method"]
+    assert runs_view_url(uri, "http://127.0.0.1:5000", cfg.name) == url  # same view, same key
+    assert runs_view_url(uri, "http://x", "no-such-experiment") is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)),
+                    reason=f"{CHROMIUM} missing (see scripts/setup_venv.sh)")
+def test_mlflow_ui_opens_on_the_runs_table_with_config_columns(report_page, tmp_path, capsys):
+    """The URL `lethe ui` prints, in a real MLflow UI: the training-runs table of the latest
+    pipeline run, grouped by model and method, with the family / method / seed and eval
+    metric columns (guards the UI-state keys against an MLflow upgrade)."""
+    from orchestrator.tracking.ui import start_ui, stop_ui
+    from orchestrator.tracking.uri import default_sqlite_uri
+
+    cfg, _ = report_page
+    proc = start_ui(default_sqlite_uri(run_root(cfg)), port=_free_port(), timeout=180,
+                    log_path=tmp_path / "server.log", experiment=cfg.name)
+    profile = Path(tempfile.mkdtemp(prefix="lethe-chromium-"))
+    browser = None
+    try:
+        printed = capsys.readouterr().out
+        url = re.search(r"Runs of the latest pipeline run: (\S+)", printed).group(1)
+        browser = DevTools(CHROMIUM, profile)
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        browser.call("Runtime.enable", session=session)
+        browser.call("Emulation.setDeviceMetricsOverride", {"width": 1600, "height": 1000,
+                                                            "deviceScaleFactor": 1, "mobile": False},
+                     session=session)
+        browser.call("Page.navigate", {"url": url}, session=session)
+        probe = "document.body ? document.body.innerText : ''"
+        deadline = time.monotonic() + 120
+        text = ""
+        while "tiny-qwen2/forget/s2" not in text and time.monotonic() < deadline:
+            time.sleep(1.0)  # the UI renders the table after its API calls return
+            result = browser.call("Runtime.evaluate", {"expression": probe, "returnByValue": True},
+                                  session=session)["result"]
+            text = result.get("value") or ""  # no value while the page is navigating
+        shot = browser.call("Page.captureScreenshot", {"format": "png"}, session=session)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "mlflow_runs_view.png").write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        if browser is not None:
+            browser.close()
+        shutil.rmtree(profile, ignore_errors=True)
+        stop_ui(proc)
+    assert "Model training" in text and "shared view" in text
+    assert "tiny-qwen2/forget/s2" in text, text[:2000]
+    for column in ("family", "method", "seed", "eval/lethe_synth_mc/acc"):
+        assert f"\n{column}\n" in text, column
+    assert "Group: model: tiny-llama, method: forget" in text
+    assert "Traces" in text and "Detect issues" not in text  # not the GenAI overview

@@ -37,6 +37,11 @@ METRICS_PER_BATCH = 1000
 RUN_TAG_KEYS = ("family", "method", "rho", "lambda_max", "lambda_schedule", "negative_term", "seed")
 KIND_TAG = "lethe.kind"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's experiment type ("custom_model_development" = "Machine learning", not GenAI):
+# earlier 3.x UIs choose the page from it; 3.17 from the URL's workflowType, which
+# ui.runs_view_url sets.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
@@ -238,11 +243,15 @@ class Tracker:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_location)
+                experiment, artifact_location=artifact_location,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # created before the tag existed
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,
+                                               EXPERIMENT_KIND)
         self.parent: RunLogger | None = None
 
     @classmethod
