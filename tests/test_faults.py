@@ -323,3 +323,32 @@ def test_failing_run_with_mlflow_down_ends_fast_and_lethe_sync_catches_up(tmp_pa
     assert {MlflowClient(store).get_run(i).info.status for i in ids} == {"FAILED"}
     assert cli.main(["sync", str(cfg)]) == 0
     assert "nothing pending" in capsys.readouterr().out
+
+
+def test_config_artifacts_and_params_are_masked(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.pipeline.tracking_glue import PipelineTracking
+    from orchestrator.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf-secret-value-42")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = config_from_dict({**MINIMAL, "run_dir": str(tmp_path),
+                            "data": {"source": "file", "path": "/data/hf-secret-value-42.jsonl"},
+                            "evaluate": {"include_path": "https://bob:hunter22@tasks.example/x"}})
+    resolved = tmp_path / "resolved_config.yaml"
+    resolved.write_text(yaml.safe_dump(cfg.to_dict()))
+    track = PipelineTracking(Tracker(store, "faults"), cfg, tmp_path)
+    track.start(cfg, resolved)
+    client = MlflowClient(store)
+    run_id = track.parent.run_id
+    texts = []
+    for name in ("config.json", "resolved_config.yaml"):
+        local = client.download_artifacts(run_id, name, str(tmp_path / "dl"))
+        texts.append(Path(local).read_text())
+    params = client.get_run(run_id).data.params
+    for text in [*texts, json.dumps(params)]:
+        assert "hf-secret-value-42" not in text and "hunter22" not in text
+    assert "https://***@tasks.example/x" in texts[1]
+    assert params["data.path"] == "/data/***.jsonl"

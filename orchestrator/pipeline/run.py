@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator.config import ExperimentConfig, ModelSpec
+from orchestrator.masking import mask_secrets
 from orchestrator.pipeline import stages as S
 from orchestrator.pipeline import timeline
 from orchestrator.pipeline.tracking_glue import PipelineTracking
@@ -219,7 +220,7 @@ def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, A
         print(track.comparison_text())
     print(f"[lethe] pipeline finished in {wall:.1f} s; run directory: {root}")
     print(f"[lethe] open the MLflow UI: .venv/bin/lethe ui {_config_hint(cfg)}  "
-          f"(tracking store: {track.uri})")
+          f"(tracking store: {mask_secrets(track.uri)})")
     return results
 
 

@@ -51,8 +51,8 @@ class PipelineTracking:
     def start(self, cfg: ExperimentConfig, config_path: Path | None, run_name: str | None = None) -> None:
         name = run_name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
         self.parent = self.tracker.start_parent(name, cfg)
-        if config_path is not None and self.enabled:
-            self.parent.log_artifact(config_path)
+        if config_path is not None and self.enabled:  # as masked text, like every artifact
+            self.parent.log_text(Path(config_path).read_text(), Path(config_path).name)
 
     def attach_parent(self, run_id: str | None) -> None:
         """Nest this process's child runs under a parent created elsewhere (a Tune trial
