@@ -214,15 +214,13 @@ def test_compare_mean_std_over_seeds(sqlite_tracker, tmp_path, capsys):
     assert "0.750 ± 0.071" in parent_art.read_text()
 
 
-def test_compare_effects_noise_kinds_and_config_order(sqlite_tracker, tmp_path, capsys):
-    """Through MLflow: the pipeline glue logs partition stats per noise kind and eval
-    metrics; compare prints and logs the paired effects and the noise table, in the
-    config's order of families, methods and tasks."""
+def _log_scripted_pipeline(tracker, cfg, run_dir, tmp_path, benchmarks=None):
+    """Partition and eval results of a scripted pipeline run, logged through the glue:
+    m2 has forget − sft ≈ +0.05 over 3 seeds, m0 ≈ +0.002 (inside the seed noise)."""
     from orchestrator.pipeline.tracking_glue import PipelineTracking
-    from orchestrator.tracking.compare import CompareOrder, cli_compare, comparison_report
 
-    tracker, cfg, run_dir = sqlite_tracker
-    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"tasks": ["zz", "aa"]})})
+    ev = {"tasks": ["zz", "aa"], "benchmarks": benchmarks or {}}
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_validate(ev)})
     track = PipelineTracking(tracker, cfg, run_dir)
     track.start(cfg, None, "p")
     specs = {m.name: m for m in cfg.models}
@@ -239,6 +237,17 @@ def test_compare_effects_noise_kinds_and_config_order(sqlite_tracker, tmp_path, 
             tmp_path)
     track.log_eval(results, {label: tmp_path for label in results})
     track.finish_children()
+    return cfg
+
+
+def test_compare_effects_noise_kinds_and_config_order(sqlite_tracker, tmp_path, capsys):
+    """Through MLflow: the pipeline glue logs partition stats per noise kind and eval
+    metrics; compare prints and logs the paired effects and the noise table, in the
+    config's order of families, methods and tasks."""
+    from orchestrator.tracking.compare import CompareOrder, cli_compare, comparison_report
+
+    tracker, cfg, run_dir = sqlite_tracker
+    cfg = _log_scripted_pipeline(tracker, cfg, run_dir, tmp_path)
     order = CompareOrder.from_config(cfg)
     table = cli_compare(tracker.uri, cfg.name, tmp_path / "cmp", order=order)
     printed = capsys.readouterr().out
@@ -257,6 +266,27 @@ def test_compare_effects_noise_kinds_and_config_order(sqlite_tracker, tmp_path, 
     assert parent["metrics.effect/m2/forget-sft/aa/acc/above_noise"] == 1.0
     assert parent["metrics.noise/m0/noise_kind/typo/auroc"] == 0.95
     assert parent["metrics.compare/m2/forget/aa/acc/mean"] == pytest.approx(0.5 + 0.05 + 0.002 + 0.01 / 3)
+
+
+def test_compare_headline_average_in_points_on_the_parent(sqlite_tracker, tmp_path, capsys):
+    from orchestrator.tracking.compare import CompareOrder, cli_compare
+
+    tracker, cfg, run_dir = sqlite_tracker
+    cfg = _log_scripted_pipeline(tracker, cfg, run_dir, tmp_path, benchmarks={
+        "A": {"tasks": ["aa"], "metric": "acc"}, "Z": {"tasks": ["zz"], "metric": "f1"}})
+    cli_compare(tracker.uri, cfg.name, tmp_path / "cmp", order=CompareOrder.from_config(cfg))
+    printed = capsys.readouterr().out
+    assert printed.startswith("Headline: average over 2 benchmarks, in points")
+    header = printed.splitlines()[1].split()
+    assert header == ["seeds", "A", "Z", "average"]
+    assert "m2  forget − sft (3 paired seeds): better beyond the seed noise on A, Z, average" in printed
+    parent = _search(tracker.uri, cfg.name, "tags.`lethe.kind` = 'parent'").iloc[0]
+    # (acc + acc / 2) / 2 per run, so forget − sft is 0.75 × (0.05 + 0.002) on average
+    assert parent["metrics.effect/m2/forget-sft/average/points"] == pytest.approx(100 * 0.75 * 0.052)
+    children = _search(tracker.uri, cfg.name, "tags.method = 'forget' and tags.model = 'm2'")
+    assert sorted(children["metrics.headline/average"].round(6)) == sorted(
+        round(0.75 * (0.5 + n + 0.05 + 0.001 * s), 6)
+        for s, n in zip((1, 2, 3), (0.0, 0.03, -0.02), strict=True))
 
 
 # ------------------------------------------------------------------------ a live server

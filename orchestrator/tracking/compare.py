@@ -403,14 +403,16 @@ def cli_compare(tracking_uri: str, experiment: str, out_dir: str | Path | None =
     if log_to_mlflow:
         parent = parent_run_id or latest_parent_run_id(tracking_uri, experiment)
         _log_compare(tracking_uri, experiment, parent, files,
-                     summary_metrics(means, stds, records, partitions))
+                     summary_metrics(means, stds, records, partitions,
+                                     [*order.benchmarks, AVERAGE] if order.benchmarks else []))
     return table
 
 
 def summary_metrics(means: pd.DataFrame, stds: pd.DataFrame, records: list[dict[str, Any]],
-                    partitions: pd.DataFrame) -> dict[str, float]:
+                    partitions: pd.DataFrame, headline: list[str] | None = None) -> dict[str, float]:
     """Flat metrics for the parent run: `compare/<family>/<method>/<col>/{mean,std}`,
-    `effect/<family>/<a>-<b>/<col>/{mean,lo,hi,above_noise}`, `noise/<family>/<col>`."""
+    `effect/<family>/<a>-<b>/<col>/{mean,lo,hi,above_noise}` (plus `points` = 100 × mean for
+    the headline columns, as the paper reports gains), `noise/<family>/<col>`."""
     out: dict[str, float] = {}
     for (fam, method), row in means.iterrows():
         for col, value in row.items():
@@ -421,6 +423,8 @@ def summary_metrics(means: pd.DataFrame, stds: pd.DataFrame, records: list[dict[
         key = f"effect/{rec['family']}/{eff.a}-{eff.b}/{rec['metric']}"
         out.update({f"{key}/mean": eff.mean, f"{key}/lo": eff.lo, f"{key}/hi": eff.hi,
                     f"{key}/above_noise": float(eff.significant)})
+        if rec["metric"] in (headline or []) and eff.mean is not None:
+            out[f"{key}/points"] = 100.0 * eff.mean
     for row in partitions.to_dict("records"):
         out.update({f"noise/{row['family']}/{k}": v for k, v in row.items() if k != "family"})
     return {k: v for k, v in out.items() if v is not None and not pd.isna(v)}
