@@ -352,3 +352,70 @@ def test_config_artifacts_and_params_are_masked(tmp_path, monkeypatch):
         assert "hf-secret-value-42" not in text and "hunter22" not in text
     assert "https://***@tasks.example/x" in texts[1]
     assert params["data.path"] == "/data/***.jsonl"
+
+
+# ----------------------------------------------------------------------------- disk full
+
+_PREPARE_IN_STAGE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from lethe_tiny_tokenizers import build_tokenizer
+from orchestrator import cli
+from orchestrator.cache import Stage
+from orchestrator.config import DataConfig
+from orchestrator.data import prepare_dataset
+if len(sys.argv) > 4:  # no mount allowed: a per-process file size limit stands in for it
+    import resource, signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), int(sys.argv[4])))
+st = Stage(Path(sys.argv[1]), "tokens", {"k": 1})
+if not st.open():
+    try:
+        prepare_dataset(DataConfig(source="file", path=sys.argv[2], max_seq_len=64),
+                        build_tokenizer(), st.dir)
+    except OSError as exc:
+        print("ERROR", cli.error_line(exc), flush=True)
+        sys.exit(1)
+    st.mark_done()
+print("DONE", flush=True)
+"""
+
+
+def _run_prepare(root: Path, src: Path, *limit: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _PREPARE_IN_STAGE, str(root), str(src),
+                           str(ROOT / "tests" / "data"), *limit],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_disk_full_is_a_clear_error_and_the_next_run_needs_no_cleaning(tmp_path):
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?",
+                                       "completion": f"The answer is {2 * i}."}) + "\n"
+                           for i in range(3000)))
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                             capture_output=True).returncode == 0
+    try:
+        if mounted:
+            filler = mnt / "filler.bin"
+            filler.write_bytes(b"\0" * (1024 * 1024 - 32 * 1024))  # 32 KB left: tokens need ~60
+            first = _run_prepare(mnt, src)
+        else:  # no mount permitted (not root, a container): RLIMIT_FSIZE in the child
+            first = _run_prepare(mnt, src, str(16 * 1024))
+        assert first.returncode == 1, first.stdout + first.stderr
+        line = next(ln for ln in first.stdout.splitlines() if ln.startswith("ERROR"))
+        assert ("No space left on device" in line or "File too large" in line), line
+        assert "tokens.parquet" in line or "rejects.jsonl" in line
+        stage_dir = next((mnt / "tokens").iterdir())
+        assert not (stage_dir / "_SUCCESS.json").exists()
+        assert not [p for p in stage_dir.rglob("*") if p.name.endswith(".tmp")]  # no debris
+        if mounted:
+            filler.unlink()  # space is back
+        second = _run_prepare(mnt, src)
+        assert second.returncode == 0 and "DONE" in second.stdout, second.stdout + second.stderr
+        assert (stage_dir / "_SUCCESS.json").exists() and (stage_dir / "tokens.parquet").exists()
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)], check=False)
