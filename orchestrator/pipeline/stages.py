@@ -159,7 +159,13 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
     if not cached:
         model_dir = st.dir / "model"
         materialize_base(spec, corpus_texts(rows_path), model_dir, seed=cfg.seed)
-        st.mark_done({"model_path": str(model_dir)})
+        summary: dict[str, Any] = {"model_path": str(model_dir)}
+        if spec.warmup is not None:  # clean synthetic text; held-out questions kept out
+            from orchestrator.models.warmup import warm_up_base
+
+            summary["warmup"] = warm_up_base(spec, model_dir, cfg.data.synthetic,
+                                             synthetic_stage(cfg).dir, cfg.data.max_seq_len)
+        st.mark_done(summary)
     return StageOut(st.key, st.dir, cached)
 
 
