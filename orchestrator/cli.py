@@ -2,7 +2,7 @@
 
     lethe run CONFIG [key.path=value ...] [--until STAGE]   the pipeline (cached stages)
     lethe tune CONFIG [overrides]                           a Ray Tune sweep over lambda / rho
-    lethe compare CONFIG                                    family x method x task table + PNG
+    lethe compare CONFIG                                    methods table, paired effects, noise detection
     lethe report CONFIG [--out PATH]                        the run as one self-contained HTML page
     lethe ui CONFIG [--port 5000]                           MLflow UI on 127.0.0.1
     lethe inspect CONFIG --model NAME --sample ID           a sample's tokens by score / class
@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
     run.set_defaults(fn=_cmd_run)
     with_config("tune", "Ray Tune sweep over lambda and rho").set_defaults(fn=_cmd_tune)
-    with_config("compare", "print the family x method x task table").set_defaults(fn=_cmd_compare)
+    with_config("compare", "family x method x task table, paired effects over seeds "
+                "(Student-t CI), noise detection per kind").set_defaults(fn=_cmd_compare)
     rep = with_config("report", "write the latest run's self-contained HTML report")
     rep.add_argument("--out", default=None, help="where to write it (default runs/<name>/report.html)")
     rep.set_defaults(fn=_cmd_report)
