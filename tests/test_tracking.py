@@ -279,6 +279,9 @@ def test_compare_headline_average_in_points_on_the_parent(sqlite_tracker, tmp_pa
     assert printed.startswith("Headline: average over 2 benchmarks, in points")
     header = printed.splitlines()[1].split()
     assert header == ["seeds", "A", "Z", "average"]
+    charts = sorted(p.name for p in (tmp_path / "cmp").glob("*.png"))
+    assert charts == ["compare_A.png", "compare_Z.png", "compare_average.png",
+                      "effect_A.png", "effect_Z.png", "effect_average.png"]
     assert "m2  forget − sft (3 paired seeds): better beyond the seed noise on A, Z, average" in printed
     parent = _search(tracker.uri, cfg.name, "tags.`lethe.kind` = 'parent'").iloc[0]
     # (acc + acc / 2) / 2 per run, so forget − sft is 0.75 × (0.05 + 0.002) on average
