@@ -97,11 +97,14 @@ class PairedEffect:
         """`+0.050 [+0.041, +0.059] *` (the star: above the seed noise)."""
         if self.mean is None:
             return "-"
-        m = f"{self.mean * scale:+.{digits}f}"
+
+        def signed(x: float) -> str:  # rounded first, so a tiny negative prints +0.000
+            return f"{round(x * scale, digits) + 0.0:+.{digits}f}"
+
         if self.lo is None or self.hi is None:
-            return f"{m} (1 seed)"
+            return f"{signed(self.mean)} (1 seed)"
         mark = " *" if self.significant else ""
-        return f"{m} [{self.lo * scale:+.{digits}f}, {self.hi * scale:+.{digits}f}]{mark}"
+        return f"{signed(self.mean)} [{signed(self.lo)}, {signed(self.hi)}]{mark}"
 
 
 def _finite(value: Any) -> bool:
