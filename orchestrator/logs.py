@@ -1,0 +1,113 @@
+"""Console output for humans (a terminal) and for machines (a file, `ray job submit`, CI).
+
+On a terminal nothing changes: progress bars redraw in place. When stdout is not a
+terminal, a redrawn bar becomes hundreds of lines (the baseline `make demo` log was 80 %
+blank lines and Ray Data progress), so `configure_console` turns every progress bar off,
+in this process and in the Ray workers it starts, and leaves one line per stage event:
+
+    [lethe] 08:21:07 stage reference   tiny-llama  done      35.2 s
+
+Worker output reaches the driver through Ray's log forwarding, which already folds lines
+repeated across workers into one ("[repeated 3x across cluster]"); without the bars and
+without colour codes, what remains is each worker's few set-up lines and warnings.
+
+Switches, each left alone when the user has set it:
+    RAY_DATA_DISABLE_PROGRESS_BARS=1   Ray Data's bars and per-operator status lines, in every
+                                       process that imports ray.data (workers inherit it)
+    TQDM_DISABLE=1                     every tqdm bar (lm-eval, datasets, DeepSpeed ...)
+    HF_HUB_DISABLE_PROGRESS_BARS=1     huggingface_hub and transformers ("Loading weights",
+                                       "Writing model shards")
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false   MLflow's artifact up/download bars
+    RAY_COLOR_PREFIX=0                 no ANSI colour codes around "(pid=...)" prefixes
+Modules already imported read their switch at import, so they are also told directly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import IO
+
+QUIET_ENV: dict[str, str] = {
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "RAY_COLOR_PREFIX": "0",
+}
+
+_interactive: bool | None = None
+
+
+def is_terminal(stream: IO[str] | None = None) -> bool:
+    stream = sys.stdout if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or replaced by a non-file object
+        return False
+
+
+def configure_console(interactive: bool | None = None) -> None:
+    """Progress bars only on a terminal. Call once at start, before `ray.init`, so the Ray
+    workers of a local instance inherit the switches (a remote cluster's workers get them
+    through the job's runtime env: see `worker_env`). `interactive` overrides the check of
+    stdout (tests, `--no-progress` style flags)."""
+    global _interactive
+    _interactive = is_terminal() if interactive is None else interactive
+    if _interactive:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    _quiet_loaded_modules()
+
+
+def _quiet_loaded_modules() -> None:
+    """Switch off the bars of libraries imported before `configure_console` ran."""
+    if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") == "1" and "ray.data" in sys.modules:
+        sys.modules["ray.data"].DataContext.get_current().enable_progress_bars = False
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+
+def interactive() -> bool:
+    """Whether the console was configured for a terminal (stdout's check if never set)."""
+    return is_terminal() if _interactive is None else _interactive
+
+
+def worker_env() -> dict[str, str]:
+    """The switches in force, for a Ray runtime env (`ray job submit`, a remote cluster)."""
+    return {k: os.environ[k] for k in QUIET_ENV if k in os.environ}
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def stage_line(stage: str, model: str = "-", event: str = "done", seconds: float | None = None,
+               detail: str = "", when: float | None = None) -> str:
+    """`[lethe] 08:21:07 stage reference   tiny-llama  done      35.2 s  <detail>`: fixed
+    columns, so a log can be grepped and read as a table."""
+    clock = time.strftime("%H:%M:%S", time.localtime(time.time() if when is None else when))
+    took = "" if seconds is None else format_duration(seconds)
+    line = f"[lethe] {clock} stage {stage:<11} {model:<12} {event:<8} {took:>9}"
+    return f"{line}  {detail}".rstrip() if detail else line.rstrip()
+
+
+def stage_event(stage: str, model: str = "-", event: str = "done", seconds: float | None = None,
+                detail: str = "", stream: IO[str] | None = None) -> None:
+    """Print one stage event (start, cached, done, failed) as one flushed line."""
+    print(stage_line(stage, model, event, seconds, detail), file=stream or sys.stdout, flush=True)
