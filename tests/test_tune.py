@@ -12,9 +12,38 @@ from tiny_configs import TINY, runs_frame
 
 from orchestrator.config import load_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
 
 
+def test_sweep_proposals_are_seeded_from_the_config_seed():
+    """Two sweeps of one config propose the same trials; another seed proposes others."""
+    from orchestrator.tune.sweep import proposed_trials
+
+    cfg = load_config(REPO / "configs" / "tune-demo.yaml")
+    first, again = proposed_trials(cfg), proposed_trials(cfg)
+    assert len(first) == cfg.tune.num_samples == 6
+    assert first == again
+    lo, hi = cfg.tune.lambda_max
+    assert all(lo <= p["lambda_max"] <= hi and 0.5 <= p["rho"] <= 0.9 for p in first)
+    assert len({(p["lambda_max"], p["rho"]) for p in first}) == 6
+    other = proposed_trials(load_config(REPO / "configs" / "tune-demo.yaml", ["seed=1"]))
+    assert other != first
+    with_terms = load_config(REPO / "configs" / "tune-demo.yaml",
+                             ["tune.negative_terms=[ascent,unlikelihood]"])
+    assert proposed_trials(with_terms) == proposed_trials(with_terms)
+    assert {p["negative_term"] for p in proposed_trials(with_terms, 20)} == {"ascent", "unlikelihood"}
+
+
+def test_optuna_search_is_seeded_too():
+    pytest.importorskip("optuna")
+    from orchestrator.tune.sweep import search_algorithm
+
+    cfg = load_config(REPO / "configs" / "tune-demo.yaml", ["tune.search_alg=optuna", "seed=7"])
+    assert search_algorithm(cfg)._seed == 7
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_sweep_reuses_scores_and_tracks_every_trial(ray_local, tmp_path, capsys):
     from orchestrator.tune.sweep import run_sweep
 
@@ -32,6 +61,11 @@ def test_sweep_reuses_scores_and_tracks_every_trial(ray_local, tmp_path, capsys)
     rows = out["rows"]
     assert len(rows) == 3 and not any(r["error"] for r in rows)
     assert len({(r["lambda_max"], r["rho"]) for r in rows}) == 3
+    # The trials that ran are the seeded proposals: a rerun of this config runs the same.
+    from orchestrator.tune.sweep import proposed_trials
+
+    assert sorted((r["lambda_max"], r["rho"]) for r in rows) == sorted(
+        (p["lambda_max"], p["rho"]) for p in proposed_trials(cfg))
     assert all(0.05 <= r["lambda_max"] <= 0.5 and 0.5 <= r["rho"] <= 0.9 for r in rows)
 
     best = load_config(out["best_config"])  # a ready, valid experiment config

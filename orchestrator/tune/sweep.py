@@ -104,6 +104,39 @@ def _search_space(cfg: ExperimentConfig) -> dict[str, Any]:
     return space
 
 
+def search_algorithm(cfg: ExperimentConfig, max_concurrent: int = 0) -> Any:
+    """The sweep's search, seeded from the config's `seed`: a rerun of the same config
+    proposes the same trials (random search: Tune's BasicVariantGenerator with a
+    random_state; optuna: its TPE sampler's seed, behind a ConcurrencyLimiter)."""
+    if cfg.tune.search_alg == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch  # needs `pip install optuna`
+
+        searcher = OptunaSearch(seed=cfg.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=cfg.seed)
+
+
+def proposed_trials(cfg: ExperimentConfig, count: int | None = None) -> list[dict[str, Any]]:
+    """The hyperparameters the random search proposes, in order, without running a trial."""
+    if cfg.tune.search_alg != "random":
+        raise ValueError("proposed_trials samples the random search only (optuna's proposals "
+                         "depend on the results of earlier trials)")
+    gen = search_algorithm(cfg)
+    gen.add_configurations({"proposals": {"run": _no_trial, "config": _search_space(cfg),
+                                          "num_samples": count or cfg.tune.num_samples}})
+    out = []
+    while (trial := gen.next_trial()) is not None:
+        out.append(dict(trial.config))
+    return out
+
+
+def _no_trial(config: dict[str, Any]) -> None:  # a trainable that `proposed_trials` never runs
+    return None
+
+
 def _max_concurrent(cfg: ExperimentConfig) -> int:
     import ray
 
@@ -136,11 +169,9 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     t = cfg.tune
     scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=t.grace_period,
                               reduction_factor=t.reduction_factor, max_t=10_000)
-    search_alg = None
-    if t.search_alg == "optuna":
-        from ray.tune.search.optuna import OptunaSearch  # needs `pip install optuna`
-
-        search_alg = OptunaSearch()
+    # The concurrency cap lives in the (seeded) search algorithm: Tune ignores
+    # max_concurrent_trials next to a BasicVariantGenerator it did not build itself.
+    search_alg = search_algorithm(cfg, _max_concurrent(cfg))
     storage = root / "tune"
     name = f"sweep-{cfg.name}"
     if tune.Tuner.can_restore(str(storage / name)):
@@ -151,8 +182,7 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable, param_space=_search_space(cfg),
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                                        scheduler=scheduler, search_alg=search_alg,
-                                        max_concurrent_trials=_max_concurrent(cfg)),
+                                        scheduler=scheduler, search_alg=search_alg),
             run_config=tune.RunConfig(name=name, storage_path=str(storage)),
         )
     grid = tuner.fit()
