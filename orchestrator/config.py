@@ -216,6 +216,10 @@ class ReferenceConfig(Strict):
 
     subset_fraction: float | None = Field(default=0.2, gt=0.0, le=1.0)
     subset_size: int | None = Field(default=None, ge=1)  # wins over subset_fraction
+    # random: the paper's random subset of the pool. clean: the same number of rows drawn
+    # from the pool's rows without annotated noise (a trusted clean subset, as Token
+    # Cleaning assumes; needs noise annotations, see orchestrator/data/trusted.py).
+    subset_source: Literal["random", "clean"] = "random"
     seed: int = 0
     lr: float | None = None  # None = train.lr
     epochs: float | None = None  # None = train.epochs

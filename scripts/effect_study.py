@@ -42,6 +42,7 @@ from orchestrator.config import (  # noqa: E402
     WarmupConfig,
 )
 from orchestrator.data import corpus_texts, generate_synthetic, prepare_dataset  # noqa: E402
+from orchestrator.data.trusted import write_clean_rows  # noqa: E402
 from orchestrator.method.partition import auroc  # noqa: E402
 from orchestrator.models import load_model, load_tokenizer, materialize_base  # noqa: E402
 from orchestrator.models.warmup import warm_up_base  # noqa: E402
@@ -140,20 +141,12 @@ def train(spec, base: Path, parquet: Path, method: str, train_cfg: dict, out: Pa
     return Path(res.export_dir), float(cpu_file.read_text()) if cpu_file.is_file() else 0.0
 
 
-def clean_subset_parquet(tokens: Path, data: Path, fraction: float, seed: int, out: Path) -> Path:
-    """Rows of the pool that carry no noise (ground truth), a seeded subset of them: the
-    'trusted clean subset' that Token Cleaning assumes."""
-    noisy = [json.loads(x)["noisy"] for x in (data / "train.jsonl").read_text().splitlines()]
-    t = pq.read_table(tokens)
-    ids = t.column("sample_id").to_numpy()
-    clean = np.array([not noisy[int(i)] for i in ids])
-    rng = np.random.default_rng(seed)
-    pick = np.flatnonzero(clean)
-    pick = np.sort(rng.choice(pick, size=round(fraction * len(ids)), replace=False))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "clean_subset.parquet"
-    pq.write_table(t.take(pa.array(pick)), path)
-    return path
+def clean_subset(tokens: Path, out: Path) -> tuple[Path, int]:
+    """The pool's rows without annotated noise (as reference.subset_source: clean), and the
+    pool's size (the subset size is a fraction of the pool, as for the random subset)."""
+    path = out / "clean_rows.parquet"
+    _, n_pool = write_clean_rows(tokens, path)
+    return path, n_pool
 
 
 def make_reference(spec, base: Path, tokens: Path, data: Path, args, work: Path) -> Path:
@@ -162,8 +155,9 @@ def make_reference(spec, base: Path, tokens: Path, data: Path, args, work: Path)
     if args.ref == "random":
         return train(spec, base, tokens, "sft", cfg, out,
                      SubsetSpec(fraction=args.ref_fraction, seed=0))[0]
-    path = clean_subset_parquet(tokens, data, args.ref_fraction, 0, out / "data")
-    return train(spec, base, path, "sft", cfg, out)[0]
+    path, n_pool = clean_subset(tokens, out / "data")
+    return train(spec, base, path, "sft", cfg, out,
+                 SubsetSpec(size=round(args.ref_fraction * n_pool), seed=0))[0]
 
 
 def make_scores(base: Path, ref: Path, tokens: Path, work: Path) -> Path:

@@ -244,10 +244,23 @@ def reference_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, toke
                         size=ref.subset_size, seed=ref.seed)
     inputs = {"base": base.key, "tokens": tokens.key, "subset": subset.__dict__,
               "train": _train_cfg_for_key(cfg, **updates)}
+    if ref.subset_source != "random":  # absent for the paper's default: its keys are unchanged
+        inputs["subset_source"] = ref.subset_source
     st, cached = _open(cfg, "reference", inputs)
     if not cached:
+        train_path = str(tokens.dir / "tokens.parquet")
+        if ref.subset_source == "clean":
+            from orchestrator.data.trusted import write_clean_rows
+
+            train_path = str(st.dir / "clean_rows.parquet")
+            n_clean, n_pool = write_clean_rows(tokens.dir / "tokens.parquet", train_path)
+            size = ref.subset_size or max(1, round((ref.subset_fraction or 1.0) * n_pool))
+            if size > n_clean:
+                raise ValueError(f"reference: {size} clean rows requested, the pool has "
+                                 f"{n_clean} clean of {n_pool}; lower reference.subset_fraction")
+            subset = SubsetSpec(size=size, seed=ref.seed)
         _train_into(
-            st, train_path=str(tokens.dir / "tokens.parquet"), base_model_path=model_path(base),
+            st, train_path=train_path, base_model_path=model_path(base),
             model=spec, train=train, method="sft", class_column="response_mask",
             run_name=f"reference-{st.key}", subset=subset,
             validation_path=str(valid.dir / "tokens.parquet") if valid else None,
