@@ -235,6 +235,23 @@ def test_report_without_timeline_or_tracking_says_so(report_page, tmp_path):
     assert "seeds:" in text  # the config is there even without a store
 
 
+def test_report_with_a_headline_leads_with_it(report_page, tmp_path):
+    """With benchmarks configured, the page follows `lethe compare`: the headline in points
+    and its paired differences first, charts for the headline columns only."""
+    cfg, _ = report_page
+    raw = cfg.to_dict()
+    raw["evaluate"]["benchmarks"] = {"MC": {"tasks": ["lethe_synth_mc"], "metric": "acc"},
+                                     "MCN": {"tasks": ["lethe_synth_mc"], "metric": "acc_norm"}}
+    text = write_report(ExperimentConfig.model_validate(raw), tmp_path / "h.html",
+                        log_to_mlflow=False).read_text()
+    assert text.index("Headline: average over 2 benchmarks") < text.index("<h3>Methods</h3>")
+    assert "38.50 ± 0.50" in text  # tiny-llama forget MC in points
+    assert "+8.00 [+8.00, +8.00] *" in text  # forget − sft, in points
+    alts = re.findall(r'<img class="fig" src="data:[^"]+" alt="([^"]+)"', text)
+    assert [a for a in alts if a.startswith(("compare_", "effect_"))] == [
+        "compare_MC", "compare_MCN", "compare_average", "effect_MC", "effect_MCN", "effect_average"]
+
+
 def test_report_bad_timeline_span_is_named(tmp_path):
     from orchestrator.tracking.report_data import read_timeline
 

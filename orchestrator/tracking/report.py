@@ -99,6 +99,9 @@ def _header(data: ReportData, cfg: ExperimentConfig) -> str:
 
 
 def _comparison(data: ReportData, cfg: ExperimentConfig, tmp: Path) -> str:
+    """Laid out as `lethe compare` prints it (compare.report_text): with benchmarks
+    configured, the headline in points and its paired differences first, then every metric."""
+    from orchestrator.evaluation.benchmarks import AVERAGE
     from orchestrator.tracking.compare import (
         CompareOrder,
         effect_table,
@@ -115,28 +118,38 @@ def _comparison(data: ReportData, cfg: ExperimentConfig, tmp: Path) -> str:
         return out[0] + '<p class="note">no evaluated runs under this pipeline run</p>'
     order = CompareOrder.from_config(cfg)
     table, means, stds = summarise(runs, order)
-    out += ['<p class="legend">Each cell: mean ± sample std over seeds (one seed: “± -”).</p>',
-            _table(table)]
-    head = headline_table(runs, order)
-    if not head.empty:
-        out += ["<h3>Headline (points, 100 × metric)</h3>", _table(head)]
+    head_cols = [*order.benchmarks, AVERAGE] if order.benchmarks else []
     records = effects(runs, order)
-    pct = f"{order.confidence:.0%}"
-    diffs = effect_table(records)
+    legend = (f'<p class="legend">Mean over paired seeds (a seed fixes data order and init for '
+              f'every method) [{order.confidence:.0%} Student-t CI]; * = the interval excludes 0: '
+              f'the difference is above the seed noise; one seed gives no interval.</p>')
+    methods = ['<h3>Methods</h3><p class="legend">Each cell: mean ± sample std over seeds '
+               '(one seed: “± -”).</p>',
+               _table(table.drop(columns=[c for c in head_cols if c in table.columns]))]
+    if order.benchmarks:
+        out += [f"<h3>Headline: average over {len(order.benchmarks)} benchmarks, in points "
+                "(100 × metric)</h3>", _table(headline_table(runs, order))]
+        diffs = effect_table(records, scale=100.0, digits=2, metrics=head_cols)
+        verdicts = verdict_lines(records, head_cols)
+    else:
+        out += methods
+        diffs = effect_table(records)
+        verdicts = verdict_lines(records)
     out.append("<h3>Paired differences</h3>")
     if diffs.empty:
         out.append('<p class="legend">(no pair of compared methods ran: nothing to difference)</p>')
     else:
-        out += [f'<p class="legend">Mean over paired seeds (a seed fixes data order and init for '
-                f'every method) [{pct} Student-t CI]; * = the interval excludes 0, the difference is '
-                f'above the seed noise; one seed gives no interval.</p>', _table(diffs),
-                f'<div class="verdict">{_esc(chr(10).join(verdict_lines(records)))}</div>']
+        out += [legend, _table(diffs),
+                f'<div class="verdict">{_esc(chr(10).join(verdicts))}</div>']
+    if order.benchmarks:
+        out += methods
+    # Charts as compare_plots draws them: the headline columns only when there is one.
+    plotted = head_cols or list(means.columns)
     out.append("<h3>Charts</h3>")
-    for path in bar_charts(means, stds, tmp, order):
+    for path in bar_charts(means[plotted], stds[plotted], tmp, order):
         out.append(_img(file_uri(path), path.stem))
-    for metric in means.columns:
-        scale = 100.0 if metric in order.benchmarks or metric == "average" else 1.0
-        chart = effect_chart(records, metric, tmp, order, scale)
+    for metric in plotted:
+        chart = effect_chart(records, metric, tmp, order, 100.0 if head_cols else 1.0)
         if chart is not None:
             out.append(_img(file_uri(chart), chart.stem))
     return "".join(out)
