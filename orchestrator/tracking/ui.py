@@ -150,7 +150,11 @@ def start_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, *,
             stop_ui(proc)
             raise
     print(f"MLflow UI: {url}  (pid {proc.pid})", flush=True)
-    runs = runs_view_url(tracking_uri, url, experiment)
+    try:
+        runs = runs_view_url(tracking_uri, url, experiment)
+    except Exception as exc:  # noqa: BLE001 - the server is up; the view is a convenience
+        print(f"(no runs view: {type(exc).__name__}: {exc})", flush=True)
+        runs = None
     if runs is not None:
         print(f"Runs of the latest pipeline run: {runs}", flush=True)
     return proc
