@@ -419,3 +419,98 @@ def test_disk_full_is_a_clear_error_and_the_next_run_needs_no_cleaning(tmp_path)
     finally:
         if mounted:
             subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.ray
+def test_truncated_part_and_stale_temp_are_recomputed(ray_local, tmp_path):
+    """A part file cut short (a killed copy, a failing disk) and a killed writer's temp file:
+    the rerun drops the part, removes the temp, recomputes that block only, and the scores
+    and the partition equal an uninterrupted run's."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from test_scoring import _make_rows, _tiny_spec, _write_tokens
+
+    from orchestrator.cache import SUCCESS
+    from orchestrator.config import PartitionConfig, ScoringConfig
+    from orchestrator.models import build_model
+    from orchestrator.partition import run_partition
+    from orchestrator.scoring import run_scoring, score_files
+
+    models = []
+    for role, seed in (("base", 0), ("ref", 1)):
+        build_model(_tiny_spec("llama"), 97, seed=seed).save_pretrained(str(tmp_path / role))
+        models.append(str(tmp_path / role))
+    tokens = _write_tokens(_make_rows(40), tmp_path / "tokens.parquet")
+    cfg = ScoringConfig(num_actors=1, batch_size=8, token_budget=200)
+    clean = run_scoring(tokens, *models, cfg, tmp_path / "clean", block_rows=16)
+
+    hurt = tmp_path / "hurt"
+    shutil.copytree(clean, hurt)
+    (hurt / SUCCESS).unlink()
+    part = hurt / "part-00001.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    temp = hurt / "_part-00002.parquet.4242.0badc0de.tmp"
+    temp.write_bytes(b"half a file")
+    run_scoring(tokens, *models, cfg, hurt, block_rows=16)
+    summary = json.loads((hurt / SUCCESS).read_text())
+    assert summary["blocks_computed"] == 1 and summary["blocks_skipped"] == 2
+    assert not temp.exists()
+    read = lambda d: [pq.read_table(p) for p in score_files(d)]  # noqa: E731
+    for a, b in zip(read(clean), read(hurt), strict=True):
+        _assert_same_table(a, b)
+
+    reports = [run_partition(tokens, d, PartitionConfig(rho=0.7), tmp_path / f"part-{d.name}")
+               for d in (clean, hurt)]
+    assert reports[0]["threshold"] == reports[1]["threshold"]
+    tables = [pq.read_table(tmp_path / f"part-{d.name}" / "partitioned.parquet")
+              for d in (clean, hurt)]
+    _assert_same_table(*tables)
+
+
+def _assert_same_table(a, b) -> None:
+    """Bit-equal columns, NaN positions included (Arrow's equals treats NaN != NaN)."""
+    import numpy as np
+    import pyarrow as pa
+
+    assert a.schema.equals(b.schema) and a.num_rows == b.num_rows
+    for name in a.column_names:
+        ca, cb = a[name].combine_chunks(), b[name].combine_chunks()
+        if pa.types.is_list(ca.type):
+            np.testing.assert_array_equal(ca.offsets.to_numpy(), cb.offsets.to_numpy())
+            ca, cb = ca.flatten(), cb.flatten()
+        np.testing.assert_array_equal(ca.to_numpy(zero_copy_only=False),
+                                      cb.to_numpy(zero_copy_only=False), err_msg=name)
+
+
+def test_eval_stages_are_locked_stored_and_released(tmp_path, monkeypatch):
+    import orchestrator.evaluation as evaluation
+    from orchestrator.cache import Stage
+    from orchestrator.evaluation.ray_stage import EvaluationFailed
+    from orchestrator.pipeline.evaluate_stage import evaluate_labelled
+
+    cfg = config_from_dict({**MINIMAL, "run_dir": str(tmp_path)})
+    calls = []
+
+    def fake_many(todo, ev_cfg, include):
+        calls.append(sorted(todo))
+        if "m/bad/s0" in todo:
+            raise EvaluationFailed({"m/bad/s0": "RuntimeError: boom"},
+                                   {k: {"t": {"acc": 1.0}} for k in todo if k != "m/bad/s0"})
+        return {k: {"t": {"acc": 0.5}} for k in todo}
+
+    monkeypatch.setattr(evaluation, "evaluate_many", fake_many)
+    wanted = {"m/sft/s0": "/models/a", "m/bad/s0": "/models/b"}
+    with pytest.raises(EvaluationFailed) as err:
+        evaluate_labelled(cfg, wanted, None)
+    assert set(err.value.results) == {"m/sft/s0"} and set(err.value.dirs) == {"m/sft/s0"}
+    bad = next(d for d in (tmp_path / "faults" / "stages" / "eval").iterdir() if d.is_dir()
+               and json.loads((d / "inputs.json").read_text())["model"] == "/models/b")
+    assert not (bad / "_SUCCESS.json").exists()
+    assert not Stage(tmp_path / "faults" / "stages", "eval",
+                     json.loads((bad / "inputs.json").read_text())).lock.held_here()
+    results, _ = evaluate_labelled(cfg, {"m/sft/s0": "/models/a"}, None)  # cached: no call
+    assert calls == [["m/bad/s0", "m/sft/s0"]] and results["m/sft/s0"] == {"t": {"acc": 1.0}}

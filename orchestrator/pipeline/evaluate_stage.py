@@ -85,7 +85,9 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
     stages = {label: Stage(S.stages_root(cfg), "eval", {"model": path, "evaluate": ev,
                                                          "tasks": tasks_key})
               for label, path in wanted.items()}
-    todo = {label: wanted[label] for label, st in stages.items() if not st.done()}
+    # open(): each model's eval stage is locked for this run, so a second run on the same
+    # config waits for it and then finds it done instead of evaluating it again.
+    todo = {label: wanted[label] for label, st in stages.items() if not st.open()}
     for label, st in stages.items():
         print(f"[lethe] stage eval       {st.key}  {'running' if label in todo else 'cached'}"
               f"  ({label})", flush=True)
@@ -104,6 +106,8 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
             except EvaluationFailed as failed:
                 _store(stages, failed.results)  # a rerun evaluates only the failed models
                 finished = {label: st for label, st in stages.items() if st.done()}
+                for label in failed.errors:  # let a concurrent or later run retry them
+                    stages[label].release()
                 failed.results = {label: dict(st.summary()["metrics"])
                                   for label, st in finished.items()}
                 failed.dirs = {label: st.dir for label, st in finished.items()}
@@ -117,5 +121,5 @@ def _store(stages: dict[str, Stage], fresh: dict[str, dict[str, Any]]) -> None:
     for label, metrics in fresh.items():
         st = stages[label]
         st.prepare()
-        (st.dir / "eval_results.json").write_text(json.dumps(metrics, indent=2, default=str))
+        atomic_write_json(st.dir / "eval_results.json", metrics)
         st.mark_done({"metrics": metrics})
