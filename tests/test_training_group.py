@@ -82,3 +82,26 @@ def test_a_stale_extension_build_lock_is_cleared(tmp_path):
     os.utime(stale, (old, old))
     assert clear_stale_build_locks(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and fresh.exists()  # a build in progress keeps its lock
+
+
+def test_deepspeed_jobs_in_one_worker_equal_jobs_alone(tmp_path):
+    """The worker function itself (no Ray): two ZeRO-2 jobs one after the other in one
+    process (one process group, two DeepSpeed engines) give the weights of each job alone."""
+    from orchestrator.training.loop import train_loop_per_worker
+    from orchestrator.training.stage import loop_config
+
+    base = make_base(tmp_path / "base")
+    data = make_corpus(tmp_path / "corpus.parquet", n=32)
+    kw = {**COMMON, "deepspeed": "configs/deepspeed/zero2.json", "checkpoint_every": 0,
+          "max_failures": 0, "epochs": 1.0}
+    jobs = [make_job(tmp_path / "shared", base, data, method=m, name=f"s-{m}", **kw)
+            for m in ("sft", "forget")]
+    last = train_loop_per_worker({"jobs": [loop_config(j, "local") for j in jobs]})
+    assert last["steps"] == 4 and last["zero_stage"] == 2
+    for job in jobs:
+        alone = run_training_local(make_job(tmp_path / "alone", base, data, method=job.method,
+                                            name=f"a-{job.method}", **kw))
+        a = load_file(str(job.export_dir / "model.safetensors"))
+        b = load_file(str(Path(alone.export_dir) / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{job.method}: {k}")
