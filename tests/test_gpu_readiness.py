@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +140,28 @@ def test_training_runs_in_train_mode_with_checkpointing(assets, monkeypatch):
     assert calls["n"] == 2 * 2, calls  # 2 layers x 2 micro-batches (forward side)
 
 
+# ---------------------------------------------- checkpoints without the frozen base (point 4)
+
+
+def test_lora_deepspeed_checkpoint_skips_frozen_base_and_resumes(assets):
+    """LoRA + ZeRO-2: the checkpoint holds the adapters, not the base (every rank would write
+    the whole base to shared storage at each checkpoint), and a resume still works."""
+    tmp, base, data = assets
+    job = make_job(tmp, base, data, method="forget", name="lora-resume", max_steps=2,
+                   micro_batch_size=4, checkpoint_every=1, deepspeed="configs/deepspeed/zero2.json",
+                   lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    job.test_hooks = {"_fail_once_at_step": 1}
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_training_local(job)
+    ckpt = Path(job.storage_path) / job.run_name / "checkpoints" / "checkpoint_00000001"
+    module_file = next(ckpt.rglob("*model_states.pt"))
+    base_bytes = (Path(base) / "model.safetensors").stat().st_size
+    assert module_file.stat().st_size < 0.5 * base_bytes, (module_file.stat().st_size, base_bytes)
+    result = run_training_local(job)
+    assert result.steps == 2 and result.metrics["resumed_from_step"] == 1
+    assert (Path(result.export_dir) / "model.safetensors").is_file()
+
+
 # --------------------------------------------------------- no silent CPU fallback (point 3)
 
 
@@ -227,8 +248,7 @@ def test_deepspeed_configs_overlap_communication():
         assert cfg["zero_optimization"]["overlap_comm"] is True, name
 
 
-@pytest.mark.skipif(not (REPO / "benchmarks" / "gpu_check.py").is_file(),
-                    reason="benchmarks/gpu_check.py not written yet")
+@pytest.mark.slow  # ~25 s of CPU (+ DeepSpeed's one-time shm-comm compile on a fresh machine)
 def test_gpu_check_dry_run(tmp_path):
     """The script a lent GPU machine runs, on CPU with tiny shapes, with Ray made unimportable."""
     out = tmp_path / "gpu_check.json"
@@ -237,10 +257,14 @@ def test_gpu_check_dry_run(tmp_path):
               f"sys.argv = ['gpu_check.py', '--dry-run', '--out', {str(out)!r}]; "
               "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    started = time.perf_counter()
+    import resource
+
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-c", runner], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-    seconds = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time, not wall time: the shared test machine's load must not fail the test.
+    cpu_seconds = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["dry_run"] is True and report["ok"] is True, report
@@ -254,4 +278,5 @@ def test_gpu_check_dry_run(tmp_path):
         assert train["steps"] == 3 and train["checkpoint_calls"] > 0, train
     assert report["sections"]["all_reduce"]["matches"] is True
     assert report["ray_imported"] is False
-    assert seconds < 120, seconds  # the issue asks < 60 s; headroom for a loaded machine
+    print(f"gpu_check --dry-run: {cpu_seconds:.1f} s CPU")
+    assert cpu_seconds < 60, cpu_seconds

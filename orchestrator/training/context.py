@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.training import distributed
 from orchestrator.training.data import TokenRows, read_table, rows_from_table, shard_for_rank
 
 COMPLETE = "_COMPLETE"
@@ -74,7 +76,14 @@ class LocalContext:
 
     def close(self) -> None:
         if getattr(self, "_owns_group", False) and dist.is_initialized():
-            dist.destroy_process_group()
+            distributed.forget_groups()
+            ds_comm = sys.modules.get("deepspeed.comm.comm")
+            if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+                # Through DeepSpeed, which also drops its cached world/data-parallel groups:
+                # a second local run in this process would otherwise reuse destroyed groups.
+                ds_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
 
     def use_job(self, config: dict[str, Any]) -> None:
         """The next job of this worker (several jobs can share one worker group)."""

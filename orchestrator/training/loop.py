@@ -383,7 +383,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
 def _finish(config, engine, spec, train, device, state, metrics, rank) -> dict[str, Any]:
     """Export on rank 0 (after a collective gather for ZeRO-3) and write metrics.json."""
     zero3 = isinstance(engine, DeepSpeedEngine) and engine.stage == 3
-    full = gather_state_dict(engine.module, zero3)
+    full = gather_state_dict(engine.module, zero3, trainable_only=train.lora is not None)
     out_dir = Path(config["output_dir"])
     final = {**metrics, "steps": state.step, "tokens": state.tokens,
              "train_seconds": state.train_seconds,
