@@ -71,6 +71,20 @@ def test_paper_config_is_refused_without_gpus_naming_the_fields(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
+def test_demo_config_fits_its_local_instance(tmp_path):
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"run_dir={tmp_path / 'runs'}"])
+    plan = P.make_plan(cfg, resources=_cluster(_node(cfg.ray.num_cpus)))
+    assert plan.placeable, plan.problems
+    # synthetic + per model: base, tokens, valid tokens, reference, scores, partition, 3 trains
+    assert len(plan.stages) == 1 + 3 * 9
+    assert {r["model"] for r in plan.data} == {"tiny-llama", "tiny-qwen2", "tiny-gptneo"}
+    # 1200 rows, 30 % for the reference, 1 worker x 16 rows per step, one epoch.
+    assert all(r["train_rows"] == 1200 and r["train_steps"] == 75 and r["reference_steps"] == 23
+               for r in plan.data)
+    assert "OK: every stage can be placed" in P.format_plan(plan)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_eight_gpu_workers_do_not_fit_four_gpus_but_fit_eight():
     cfg = config_from_dict(dict(copy.deepcopy(TINY), train={
         **TINY["train"], "num_workers": 8, "use_gpu": True, "gpus_per_worker": 1,
