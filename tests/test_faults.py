@@ -425,6 +425,7 @@ def test_disk_full_is_a_clear_error_and_the_next_run_needs_no_cleaning(tmp_path)
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_truncated_part_and_stale_temp_are_recomputed(ray_local, tmp_path):
     """A part file cut short (a killed copy, a failing disk) and a killed writer's temp file:
     the rerun drops the part, removes the temp, recomputes that block only, and the scores
