@@ -397,9 +397,9 @@ def cli_compare(tracking_uri: str, experiment: str, out_dir: str | Path | None =
     # With a headline, its columns are what a reader compares (the paper's per-language
     # TydiQA metrics alone would be 18 charts); every metric stays in the tables.
     plotted = [*order.benchmarks, AVERAGE] if order.benchmarks else list(means.columns)
-    files += bar_charts(means[plotted], stds[plotted], out, order)
+    scale = 100.0 if order.benchmarks else 1.0  # the headline is read in points
+    files += bar_charts(means[plotted], stds[plotted], out, order, scale)
     for metric in plotted:
-        scale = 100.0 if order.benchmarks else 1.0
         chart = effect_chart(records, metric, out, order, scale)
         if chart is not None:
             files.append(chart)

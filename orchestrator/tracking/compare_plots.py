@@ -21,7 +21,7 @@ def _order(order: CompareOrder | None) -> CompareOrder:
 
 
 def bar_charts(means: pd.DataFrame, stds: pd.DataFrame, out_dir: str | Path,
-               order: CompareOrder | None = None) -> list[Path]:
+               order: CompareOrder | None = None, scale: float = 1.0) -> list[Path]:
     """One grouped bar chart per metric: families on x, one bar per method, error bars =
     sample std over seeds (none with one seed). Bars and legend follow the config order."""
     import matplotlib
@@ -43,12 +43,12 @@ def bar_charts(means: pd.DataFrame, stds: pd.DataFrame, out_dir: str | Path,
             for i, fam in enumerate(families):
                 if (fam, method) in means.index:
                     xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                    ys.append(means.loc[(fam, method), metric])
+                    ys.append(means.loc[(fam, method), metric] * scale)
                     err = stds.loc[(fam, method), metric]
-                    errs.append(0.0 if pd.isna(err) else err)
+                    errs.append(0.0 if pd.isna(err) else err * scale)
             ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=method)
         ax.set_xticks(range(len(families)), families)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric + (" (points)" if scale != 1.0 else ""))
         ax.set_title(f"{metric} (error bars: std over seeds)", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
