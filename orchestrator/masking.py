@@ -37,7 +37,19 @@ _TOKEN_SHAPES = re.compile(
 
 def secret_env_values(min_len: int = _MIN_SECRET_LEN) -> set[str]:
     """Values of environment variables named like credentials (long enough to be unique)."""
-    return {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= min_len}
+    return {v for k, v in _environ_snapshot().items()
+            if _SECRET_NAME.search(k) and len(v) >= min_len}
+
+
+def _environ_snapshot() -> dict[str, str]:
+    """A copy of os.environ that survives other threads editing it meanwhile (MLflow's
+    telemetry thread removes its own variable; iterating os.environ then raises KeyError)."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except KeyError:
+            continue
+    return {k: v for k in list(os.environ) if (v := os.environ.get(k)) is not None}
 
 
 def mask_secrets(text: str, extra: set[str] | None = None) -> str:
