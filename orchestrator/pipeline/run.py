@@ -57,7 +57,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
     forwarded = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                  "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
                  "MLFLOW_TRACKING_URI")
-    env = {k: os.environ[k] for k in forwarded if k in os.environ}
+    from orchestrator.logs import worker_env
+
+    env = {**{k: os.environ[k] for k in forwarded if k in os.environ}, **worker_env()}
     if cfg.ray.address and cfg.ray.address != "local":
         from orchestrator.pipeline.credentials import credential_env, describe
 
@@ -192,7 +194,10 @@ def _run_stages(cfg: ExperimentConfig, until: str | None, track: PipelineTrackin
 
 def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the comparison rows."""
+    from orchestrator.logs import configure_console
+
     t0 = time.time()
+    configure_console()  # progress bars only on a terminal; one line per stage event otherwise
     tl = timeline.begin(t0)
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
@@ -218,10 +223,24 @@ def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, A
     print(tl.text(end))
     if until in (None, "evaluate") and cfg.evaluate.enabled:
         print(track.comparison_text())
+        _write_report(cfg, track)
     print(f"[lethe] pipeline finished in {wall:.1f} s; run directory: {root}")
     print(f"[lethe] open the MLflow UI: .venv/bin/lethe ui {_config_hint(cfg)}  "
           f"(tracking store: {mask_secrets(track.uri)})")
     return results
+
+
+def _write_report(cfg: ExperimentConfig, track: PipelineTracking) -> None:
+    """The run's self-contained HTML report (also logged to the parent run). A report that
+    cannot be drawn is a warning: the run's results are stored already."""
+    from orchestrator.tracking.report import write_report
+
+    try:
+        parent = track.parent.run_id if track.parent is not None else None
+        path = write_report(cfg, parent_run_id=parent, log_to_mlflow=track.enabled)
+        print(f"[lethe] report: {path}")
+    except Exception as exc:  # noqa: BLE001 - reported, never fatal
+        print(f"[lethe] warning: the HTML report could not be written: {type(exc).__name__}: {exc}")
 
 
 def _config_hint(cfg: ExperimentConfig) -> str:

@@ -72,12 +72,20 @@ class Timeline:
             self.spans.append(Span(stage, model, category, float(start), float(end)))
 
     @contextlib.contextmanager
-    def span(self, stage: str, model: str = "-", category: str = "stage") -> Iterator[None]:
-        t0 = time.time()
+    def span(self, stage: str, model: str = "-", category: str = "stage",
+             announce: bool = True) -> Iterator[None]:
+        """Time a block; with `announce`, print one line when it ends (done / failed)."""
+        from orchestrator.logs import stage_event
+
+        t0, event = time.time(), "failed"
         try:
             yield
+            event = "done"
         finally:
-            self.add(stage, model, category, t0, time.time())
+            t1 = time.time()
+            self.add(stage, model, category, t0, t1)
+            if announce:
+                stage_event(stage, model, event, t1 - t0)
 
     def add_training(self, stage: str, model: str, metrics: dict[str, Any]) -> None:
         """Spans a training job timed inside its worker (see training/loop.py `timing`):
