@@ -191,7 +191,8 @@ def test_logging_outage_buffers_retries_and_flushes(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = FlakyClient(MlflowClient(uri), fail=3)
     run = ResilientRun(uri, create={"experiment": "e", "run_name": "r", "tags": {}},
-                       spool_dir=tmp_path / "spool", label="drill", client=client)
+                       spool_dir=tmp_path / "spool", label="drill", client=client,
+                       first_backoff=0.1)
     t0 = time.monotonic()
     for step in range(1, 21):
         run.log_metrics({"loss": 1.0 / step}, step)

@@ -85,7 +85,8 @@ class ResilientRun:
 
     def __init__(self, tracking_uri: str, *, run_id: str | None = None,
                  create: dict[str, Any] | None = None, spool_dir: str | Path | None = None,
-                 label: str = "run", client: Any = None, probe_timeout: float = 2.0) -> None:
+                 label: str = "run", client: Any = None, probe_timeout: float = 2.0,
+                 first_backoff: float = 1.0) -> None:
         if (run_id is None) == (create is None):
             raise ValueError("ResilientRun: give exactly one of run_id or create")
         if client is None:
@@ -96,6 +97,7 @@ class ResilientRun:
         self.client = client
         self.label = label
         self.probe_timeout = probe_timeout
+        self.first_backoff = first_backoff
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.spool_file: Path | None = None
         self.run_ids: dict[str, str] = {}
@@ -180,7 +182,7 @@ class ResilientRun:
     # ------------------------------------------------------------------ background thread
 
     def _loop(self) -> None:
-        backoff = 1.0
+        backoff = self.first_backoff
         while True:
             with self._cv:
                 while not self._queue and not self._stop:
@@ -221,7 +223,7 @@ class ResilientRun:
                         self._cv.wait(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
-            backoff = 1.0
+            backoff = self.first_backoff
             with self._cv:
                 if self._stop:
                     return
