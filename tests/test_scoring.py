@@ -1,4 +1,4 @@
-"""TokenScorer (plain) and the Ray Data scoring stage against a one-sample-at-a-time loop."""
+"""TokenScorer (plain) and the Ray actor scoring stage against a one-sample-at-a-time loop."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from orchestrator.cache import SUCCESS
 from orchestrator.config import ModelSpec, ScoringConfig
 from orchestrator.models import build_model, load_model
 from orchestrator.scoring import TokenScorer, plan_micro_batches, run_scoring, score_files
+from orchestrator.scoring import stage as scoring_stage
+from orchestrator.scoring.blocks import BlockPlan, BlockRead, CorpusLayout, read_block
 
 VOCAB = 97
 FAMILIES = ["llama", "qwen2", "gpt_neo"]
@@ -228,3 +230,69 @@ def test_ray_scoring_resumes_missing_block_only(ray_local, tmp_path, model_dirs,
         len(r["input_ids"]) for r in rows if r["sample_id"] in rows_in_block1)
     d = _read_scores(out_dir).to_pydict()
     _assert_matches(d["sample_id"], d["base_loss"], d["ref_loss"], expected["llama"])
+
+
+def _blockwise_bare(tokens: Path, base: str, ref: str, block_rows: int, batch_size: int,
+                    **kwargs) -> dict[str, np.ndarray]:
+    """What the stage must compute: the bare scorer on each block's rows in sample_id order,
+    in calls of batch_size rows (the composition of a micro-batch can change the last bits)."""
+    table = pq.read_table(tokens).sort_by("sample_id")
+    scorer = TokenScorer(base, ref, device="cpu", **kwargs)
+    out = {"sample_id": [], "base_loss": [], "ref_loss": []}
+    for b0 in range(0, table.num_rows, block_rows):
+        block = table.slice(b0, block_rows)
+        for s0 in range(0, block.num_rows, batch_size):
+            got = scorer(scoring_stage._table_to_batch(block.slice(s0, batch_size)))
+            for key in out:
+                out[key].extend(got[key])
+    return out
+
+
+def _assert_bit_equal(table: pa.Table, want: dict) -> None:
+    d = table.to_pydict()
+    assert d["sample_id"] == [int(s) for s in want["sample_id"]]
+    for key in ("base_loss", "ref_loss"):
+        for sid, got, exp in zip(d["sample_id"], d[key], want[key], strict=True):
+            np.testing.assert_array_equal(np.asarray(got, np.float32), exp, err_msg=f"{key} {sid}")
+
+
+@pytest.mark.ray
+def test_ray_scoring_is_bit_equal_to_bare_scorer_direct_and_staged(ray_local, tmp_path, model_dirs,
+                                                                   rows, monkeypatch):
+    """Actors write the parts themselves; the scores are exactly the bare scorer's, whether
+    blocks are read straight from the input or through the staging pass."""
+    tokens = _write_tokens(rows, tmp_path / "tokens.parquet")
+    cfg = ScoringConfig(num_actors=2, batch_size=8, token_budget=200, chunk_size=32)
+    base, ref = model_dirs["qwen2"]
+    want = _blockwise_bare(tokens, base, ref, 16, 8, token_budget=200, chunk_size=32)
+    direct = run_scoring(tokens, base, ref, cfg, tmp_path / "direct", block_rows=16)
+    monkeypatch.setattr(scoring_stage, "DIRECT_READ_MAX_EXTRA_BYTES", -1)
+    staged = run_scoring(tokens, base, ref, cfg, tmp_path / "staged", block_rows=16)
+    for out, was_staged in ((direct, False), (staged, True)):
+        summary = json.loads((out / SUCCESS).read_text())
+        assert summary["staged"] is was_staged and summary["blocks_computed"] == 3
+        assert not list(out.glob("_*.tmp")) and not (out / "_inputs").exists()
+        _assert_bit_equal(_read_scores(out), want)
+
+
+def test_block_reads_cover_each_block_once(tmp_path, rows):
+    tokens = _write_tokens(rows, tmp_path / "tokens.parquet")  # shuffled, row groups of 16
+    layout = CorpusLayout.read(tokens)
+    plan = BlockPlan.create(layout.sample_ids, 16)
+    reads, decoded = layout.direct_reads(plan, list(range(plan.num_blocks)))
+    ordered = sorted(r["sample_id"] for r in rows)
+    for spec in reads:
+        table = read_block(spec)
+        assert table["sample_id"].to_pylist() == ordered[spec.block * 16 : spec.block * 16 + 16]
+    # Shuffled storage: every block needs every row group, so the whole file is decoded 3 times.
+    assert decoded == 3 * int(layout.group_bytes.sum())
+    bad = BlockRead(1, 17, reads[1].lo, reads[1].hi, reads[1].sources)
+    with pytest.raises(RuntimeError, match="scoring block 1: read 16 rows .* expected 17"):
+        read_block(bad)
+
+
+def test_write_atomic_leaves_no_temp_file(tmp_path):
+    table = pa.table({"sample_id": pa.array([1, 2], pa.int64())})
+    scoring_stage.write_atomic(table, tmp_path / "part-00000.parquet")
+    assert [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet"]
+    assert pq.read_table(tmp_path / "part-00000.parquet").equals(table)

@@ -1,10 +1,20 @@
-"""The scoring stage: Ray Data over tokens.parquet with an actor pool of TokenScorers.
+"""The scoring stage: a pool of Ray actors, each holding a TokenScorer, scoring whole blocks.
 
-Resumable by construction. The corpus is split into fixed blocks of `block_rows` rows by
-sorted sample_id; each block's scores are written as `part-<block>.parquet` (tmp file, then
-an atomic rename) as soon as all of its rows have come back, so a killed run loses at most
-the blocks in flight. A rerun scores only the blocks whose file is missing, and a finished
-stage (`_SUCCESS.json`) is skipped entirely.
+The corpus is split into fixed blocks of `block_rows` rows by sorted sample_id (`blocks.py`).
+A block is given whole to one actor, which reads its rows from the tokens input, scores them
+and writes `part-<block>.parquet` itself (unique temp name, fsync, rename), then returns a
+small summary (counts, seconds). No scored row passes through the driver, so the driver's
+memory does not grow with the corpus; it holds the sample_id column and the block plan.
+
+Resumable by construction: a killed run loses at most the blocks in flight; a rerun scores
+only the blocks whose file is missing, and a finished stage (`_SUCCESS.json`) is skipped.
+
+Why actors and not a Ray Data pipeline: the actors are started first, so their process
+start-up and model loads overlap the driver's planning (and the staging pass, when one is
+needed); there is no streaming executor, read task or repartition between the input and the
+models, which on the small default was most of the stage's wall time. Ray still places the
+actors (CPUs/GPUs per actor) and restarts nothing silently: an actor failure stops the stage
+with the block named, and the rerun resumes.
 
 Output: `out_dir/part-*.parquet` with `sample_id` (int64), `base_loss`, `ref_loss`
 (list<float32>, aligned with input_ids, NaN off response tokens), rows sorted by sample_id.
@@ -14,7 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +37,18 @@ import pyarrow.parquet as pq
 
 from orchestrator.cache import SUCCESS
 from orchestrator.config import ScoringConfig
-from orchestrator.scoring.blocks import BlockPlan, part_path, score_files
-from orchestrator.scoring.scorer import TokenScorer
+from orchestrator.scoring.blocks import (
+    DIRECT_READ_MAX_EXTRA_BYTES,
+    STAGING_DIR,
+    BlockPlan,
+    BlockRead,
+    CorpusLayout,
+    part_path,
+    read_block,
+    score_files,
+    stage_pieces,
+)
 
-INPUT_COLUMNS = ["sample_id", "input_ids", "response_mask"]
 SCORE_SCHEMA = pa.schema(
     [
         ("sample_id", pa.int64()),
@@ -35,10 +56,13 @@ SCORE_SCHEMA = pa.schema(
         ("ref_loss", pa.list_(pa.float32())),
     ]
 )
+# Blocks queued per actor: the next block waits inside the actor, so it starts the moment
+# the previous one ends, without a round trip to the driver.
+IN_FLIGHT_PER_ACTOR = 2
 
 
 def _table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """pyarrow batch -> the TokenScorer's numpy dict (ragged object arrays)."""
+    """pyarrow rows -> the TokenScorer's numpy dict (ragged object arrays)."""
     batch: dict[str, np.ndarray] = {"sample_id": table["sample_id"].to_numpy().astype(np.int64)}
     for name in ("input_ids", "response_mask"):
         col = table[name].combine_chunks()
@@ -52,88 +76,125 @@ def _table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     return batch
 
 
-def _list_column(rows: np.ndarray) -> pa.Array:
+def _list_column(rows: list[np.ndarray]) -> pa.Array:
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(list(rows)).astype(np.float32) if len(rows) else np.zeros(0, np.float32)
+    flat = np.concatenate(rows).astype(np.float32) if len(rows) else np.zeros(0, np.float32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))
 
 
-class ScorerActor:
-    """Ray Data actor: one TokenScorer per actor, pyarrow in and out (list<float32> columns)."""
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file so that readers see all of it or nothing, even after a crash.
 
-    def __init__(self, **scorer_kwargs: Any) -> None:
+    The temp name is unique (two writers never share it) and starts with "_" (dataset
+    readers skip it); the data is fsynced before the rename and the folder after it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"_{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlockScorer:
+    """One actor: loads both models once, then scores and writes whole blocks.
+
+    Plain class (Ray wraps it with `ray.remote`): a block is read, scored in sample_id order
+    in calls of `batch_size` rows, and written as one part file.
+    """
+
+    def __init__(self, out_dir: str, batch_size: int, **scorer_kwargs: Any) -> None:
+        from orchestrator.scoring.scorer import TokenScorer
+
+        t0 = time.perf_counter()
         base_path = scorer_kwargs.pop("base_path")
         ref_path = scorer_kwargs.pop("ref_path")
         self.scorer = TokenScorer(base_path, ref_path, **scorer_kwargs)
+        self.out_dir, self.batch_size = Path(out_dir), int(batch_size)
+        self.load_seconds = time.perf_counter() - t0
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        out = self.scorer(_table_to_batch(table))
-        return pa.table(
-            {
-                "sample_id": pa.array(out["sample_id"], type=pa.int64()),
-                "base_loss": _list_column(out["base_loss"]),
-                "ref_loss": _list_column(out["ref_loss"]),
-                "padded_length": pa.array(out["padded_length"], type=pa.int32()),
-            }
-        )
+    def ready(self) -> float:
+        return self.load_seconds
+
+    def score_block(self, spec: BlockRead) -> dict:
+        t0 = time.perf_counter()
+        table = read_block(spec)
+        t1 = time.perf_counter()
+        sids, base, ref = [], [], []
+        real = computed = scored = 0
+        for start in range(0, table.num_rows, self.batch_size):
+            out = self.scorer(_table_to_batch(table.slice(start, self.batch_size)))
+            sids.append(out["sample_id"])
+            base.extend(out["base_loss"])
+            ref.extend(out["ref_loss"])
+            real += sum(len(r) for r in out["base_loss"])
+            computed += int(out["padded_length"].sum())
+            scored += sum(int(np.count_nonzero(~np.isnan(r))) for r in out["base_loss"])
+        t2 = time.perf_counter()
+        scores = pa.table([pa.array(np.concatenate(sids), pa.int64()), _list_column(base),
+                           _list_column(ref)], schema=SCORE_SCHEMA)
+        write_atomic(scores, part_path(self.out_dir, spec.block))
+        return {"block": spec.block, "rows": table.num_rows, "real_tokens": real,
+                "computed_tokens": computed, "scored_tokens": scored, "read_s": t1 - t0,
+                "score_s": t2 - t1, "write_s": time.perf_counter() - t2}
 
 
-def _keep_blocks(table: pa.Table, starts: np.ndarray, wanted: np.ndarray) -> pa.Table:
-    """Rows whose block (by sample_id) is in `wanted` (a filter pass before scoring)."""
-    sids = table["sample_id"].to_numpy()
-    blocks = np.searchsorted(starts, sids, side="right") - 1
-    return table.filter(pa.array(np.isin(blocks, wanted)))
+def _scorer_kwargs(base_path: str, ref_path: str, cfg: ScoringConfig, trust_remote_code: bool) -> dict:
+    return {"base_path": str(base_path), "ref_path": str(ref_path), "dtype": cfg.dtype,
+            "token_budget": cfg.token_budget, "chunk_size": cfg.chunk_size,
+            "packing": cfg.packing, "trust_remote_code": trust_remote_code}
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    # "_" prefix: a half-written file is invisible to readers of the folder as a dataset.
-    tmp = path.with_name("_" + path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def _staged_reads(ray, layout: CorpusLayout, plan: BlockPlan, todo: list[int],
+                  staging: Path) -> list[BlockRead]:
+    """One pass over the input (a Ray task per row group) into per-block piece files."""
+    shutil.rmtree(staging, ignore_errors=True)
+    # num_cpus=0: the actors may hold every CPU slot already; a staging task must never
+    # wait for them (it is one streaming pass per row group, mostly I/O).
+    task = ray.remote(num_cpus=0)(stage_pieces)
+    wanted = np.array(todo, dtype=np.int64)
+    refs = [task.remote(path, g, plan.starts, wanted, str(staging), f"{i:05d}")
+            for i, (path, g) in enumerate(layout.group_sources())]
+    pieces: dict[int, list[str]] = {}
+    for part in ray.get(refs):
+        for b, paths in part.items():
+            pieces.setdefault(b, []).extend(paths)
+    return [plan.read(b, tuple((p, None) for p in sorted(pieces.get(b, [])))) for b in todo]
 
 
-class _BlockWriter:
-    """Buffers scored rows per block on the driver; writes a block when it is complete."""
+def _run_pool(ray, actors: list, reads: list[BlockRead]) -> list[dict]:
+    """Keep IN_FLIGHT_PER_ACTOR blocks queued on every actor until all are done."""
+    queue, pending, done = deque(reads), {}, []
 
-    def __init__(self, plan: BlockPlan, out_dir: Path, blocks: list[int]) -> None:
-        self.plan, self.out_dir = plan, out_dir
-        self.pending = {b: [] for b in blocks}
-        self.received = dict.fromkeys(blocks, 0)
-        self.written: list[int] = []
-        self.real_tokens = self.computed_tokens = self.scored_tokens = 0
+    def submit(actor) -> None:
+        spec = queue.popleft()
+        pending[actor.score_block.remote(spec)] = (actor, spec.block)
 
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        sids = table["sample_id"].to_numpy()
-        lengths = pa.compute.list_value_length(table["base_loss"]).to_numpy()
-        self.real_tokens += int(lengths.sum())
-        self.computed_tokens += int(table["padded_length"].to_numpy().sum())
-        # flatten() honours slices (`.values` would be the whole child array of a slice).
-        flat = table["base_loss"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        self.scored_tokens += int(np.count_nonzero(~np.isnan(flat)))
-        blocks = self.plan.block_of(sids)
-        for b in np.unique(blocks):
-            b = int(b)
-            if b not in self.pending:
-                raise RuntimeError(f"scoring returned sample_ids of block {b}, which was not requested")
-            self.pending[b].append(table.filter(pa.array(blocks == b)))
-            self.received[b] += int(np.count_nonzero(blocks == b))
-            if self.received[b] == self.plan.block_size(b):
-                self._flush(b)
-
-    def _flush(self, b: int) -> None:
-        table = pa.concat_tables(self.pending.pop(b)).select(SCORE_SCHEMA.names)
-        table = table.sort_by("sample_id").cast(SCORE_SCHEMA)
-        _write_atomic(table, part_path(self.out_dir, b))
-        self.written.append(b)
-
-    def check_complete(self) -> None:
-        if self.pending:
-            short = {b: (self.received[b], self.plan.block_size(b)) for b in sorted(self.pending)[:5]}
-            raise RuntimeError(f"scoring ended with incomplete blocks (received, expected): {short}")
+    for actor in actors:
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            if queue:
+                submit(actor)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        actor, block = pending.pop(ready[0])
+        try:
+            done.append(ray.get(ready[0]))
+        except Exception as exc:
+            raise RuntimeError(f"scoring block {block} failed (rerun to resume from the blocks "
+                               f"already written): {exc}") from exc
+        if queue:
+            submit(actor)
+    return done
 
 
 def run_scoring(
@@ -149,7 +210,8 @@ def run_scoring(
     """Score every sample of tokens.parquet with both models; returns `out_dir`.
 
     `block_rows` fixes the resume granularity (rows per part file). Needs a running Ray
-    (ray.init by the caller). Prints tokens scored, tokens/s and padding waste.
+    (ray.init by the caller). Prints tokens scored, tokens/s, padding waste and where the
+    time went (actor start-up and model loads, staging, scoring).
     """
     import ray
 
@@ -158,58 +220,68 @@ def run_scoring(
     if (out_dir / SUCCESS).is_file():
         print(f"scoring: {out_dir} is complete ({SUCCESS} present); skipping")
         return out_dir
-    sample_ids = pq.read_table(tokens_path, columns=["sample_id"])["sample_id"].to_numpy()
-    plan = BlockPlan.create(sample_ids, block_rows)
+    start = time.perf_counter()
+    for stale in out_dir.glob("_part-*.tmp"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
+    layout = CorpusLayout.read(tokens_path)
+    plan = BlockPlan.create(layout.sample_ids, block_rows)
     plan.reconcile(out_dir)
     todo = [b for b in range(plan.num_blocks) if not part_path(out_dir, b).is_file()]
     skipped = plan.num_blocks - len(todo)
-    start = time.perf_counter()
-    writer = _BlockWriter(plan, out_dir, todo)
+    timings: dict[str, float] = {}
+    done: list[dict] = []
+    staging, staged = out_dir / STAGING_DIR, False
     if todo:
-        ds = ray.data.read_parquet(str(tokens_path), columns=INPUT_COLUMNS)
-        if skipped:
-            ds = ds.map_batches(_keep_blocks, batch_format="pyarrow",
-                                fn_kwargs={"starts": plan.starts, "wanted": np.array(todo)})
-        # One Parquet file is one read block, and an actor pool only spreads whole blocks:
-        # split the stream into batch-sized blocks (streaming, no shuffle) so every actor
-        # gets work.
-        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-        scorer_kwargs = {
-            "base_path": str(base_path), "ref_path": str(ref_path), "dtype": cfg.dtype,
-            "token_budget": cfg.token_budget, "chunk_size": cfg.chunk_size,
-            "packing": cfg.packing, "trust_remote_code": trust_remote_code,
-        }
-        ds = ds.map_batches(
-            ScorerActor,
-            fn_constructor_kwargs=scorer_kwargs,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            num_gpus=cfg.num_gpus_per_actor or None,
-            num_cpus=cfg.num_cpus_per_actor,
-        )
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(table)
-        writer.check_complete()
+        # Actors first: their start-up and model loads overlap everything below.
+        remote = ray.remote(BlockScorer).options(num_cpus=cfg.num_cpus_per_actor,
+                                                 num_gpus=cfg.num_gpus_per_actor or None)
+        kwargs = _scorer_kwargs(base_path, ref_path, cfg, trust_remote_code)
+        actors = [remote.remote(str(out_dir), cfg.batch_size, **kwargs)
+                  for _ in range(min(cfg.num_actors, len(todo)))]
+        try:
+            t = time.perf_counter()
+            reads, decoded = layout.direct_reads(plan, todo)
+            total = int(layout.group_bytes.sum())
+            staged = decoded - total > DIRECT_READ_MAX_EXTRA_BYTES
+            if staged:
+                reads = _staged_reads(ray, layout, plan, todo, staging)
+            timings["plan_s"] = time.perf_counter() - t
+            load = ray.get([a.ready.remote() for a in actors])
+            timings["actors_ready_s"] = time.perf_counter() - start
+            timings["model_load_s"] = max(load)
+            t = time.perf_counter()
+            done = _run_pool(ray, actors, reads)
+            timings["score_wall_s"] = time.perf_counter() - t
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - start
+    real = sum(d["real_tokens"] for d in done)
+    computed = sum(d["computed_tokens"] for d in done)
+    scored = sum(d["scored_tokens"] for d in done)
+    for key in ("read_s", "score_s", "write_s"):
+        timings[f"actor_{key}"] = sum(d[key] for d in done)
     summary = {
         "blocks": plan.num_blocks,
-        "blocks_computed": len(writer.written),
+        "blocks_computed": len(done),
         "blocks_skipped": skipped,
-        "rows": int(len(sample_ids)),
-        "tokens_this_run": writer.real_tokens,
-        "scored_tokens_this_run": writer.scored_tokens,
-        "computed_tokens_this_run": writer.computed_tokens,
+        "rows": int(len(layout.sample_ids)),
+        "tokens_this_run": real,
+        "scored_tokens_this_run": scored,
+        "computed_tokens_this_run": computed,
         "seconds": seconds,
-        "tokens_per_s": writer.real_tokens / seconds if seconds > 0 else 0.0,
-        "padding_waste": 1 - writer.real_tokens / writer.computed_tokens if writer.computed_tokens else 0.0,
+        "tokens_per_s": real / seconds if seconds > 0 else 0.0,
+        "padding_waste": 1 - real / computed if computed else 0.0,
+        "staged": staged,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
         "files": [p.name for p in score_files(out_dir)],
     }
     print(
-        f"scoring: {writer.real_tokens} tokens ({writer.scored_tokens} response) through base + "
-        f"reference in {seconds:.1f} s = {summary['tokens_per_s']:.0f} tokens/s; padding waste "
-        f"{100 * summary['padding_waste']:.1f} %; blocks computed {len(writer.written)}, "
-        f"skipped {skipped}"
+        f"scoring: {real} tokens ({scored} response) through base + reference in {seconds:.1f} s "
+        f"= {summary['tokens_per_s']:.0f} tokens/s; padding waste "
+        f"{100 * summary['padding_waste']:.1f} %; blocks computed {len(done)}, skipped {skipped}; "
+        f"time: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
     )
     tmp = out_dir / (SUCCESS + ".tmp")
     tmp.write_text(json.dumps({"stage": "score", "finished_at": time.time(), **summary}, indent=2))
