@@ -30,10 +30,11 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture
-def one_rank_gloo():
+def one_rank_gloo(monkeypatch):
     """A 1-rank gloo process group for the test's duration."""
     assert not dist.is_initialized()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     distributed.forget_groups()
@@ -256,7 +257,9 @@ def test_gpu_check_dry_run(tmp_path):
     runner = ("import runpy, sys; sys.modules['ray'] = None; "
               f"sys.argv = ['gpu_check.py', '--dry-run', '--out', {str(out)!r}]; "
               "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Nothing of this process's process groups leaks in (a bound MASTER_PORT would).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASTER_")}
+    env["PYTHONPATH"] = str(REPO)
     import resource
 
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -68,8 +68,10 @@ class LocalContext:
     def init_process_group(self, backend: str) -> None:
         if dist.is_initialized():
             return
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A fresh port each time: a MASTER_PORT left in the environment by an earlier group
+        # of this process (or inherited from a parent) may still be bound.
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         dist.init_process_group(backend=backend, rank=0, world_size=1)
         self._owns_group = True
