@@ -516,3 +516,30 @@ def test_eval_stages_are_locked_stored_and_released(tmp_path, monkeypatch):
                      json.loads((bad / "inputs.json").read_text())).lock.held_here()
     results, _ = evaluate_labelled(cfg, {"m/sft/s0": "/models/a"}, None)  # cached: no call
     assert calls == [["m/bad/s0", "m/sft/s0"]] and results["m/sft/s0"] == {"t": {"acc": 1.0}}
+
+
+def test_driver_logging_after_finished_work_skips_a_dead_server(tmp_path, capsys):
+    from orchestrator.pipeline.tracking_glue import PipelineTracking
+
+    class Untouchable:
+        run_id = "r1"
+
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} called on a dead server")
+
+    class DeadTracker:
+        enabled = True
+        uri = f"http://127.0.0.1:{_free_port()}"
+
+    cfg = config_from_dict({**MINIMAL, "run_dir": str(tmp_path)})
+    track = PipelineTracking(DeadTracker(), cfg, tmp_path)
+    track.parent = Untouchable()
+    track.child = lambda *a, **k: Untouchable()
+    t0 = time.monotonic()
+    track.log_train_metrics(cfg.models[0], "sft", 0, {"loss": 1.0})
+    track.log_eval({"m/sft/s0": {"t": {"acc": 1.0}}}, {"m/sft/s0": tmp_path})
+    track.finish(12.0)
+    assert "MLflow unreachable" in track.comparison_text()
+    assert time.monotonic() - t0 < 10  # one probe, remembered for 30 s
+    out = capsys.readouterr().out
+    assert out.count("WARNING: MLflow is unreachable") == 4

@@ -34,6 +34,7 @@ class PipelineTracking:
         self.parent: Any = None
         self._children: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
+        self._down, self._probe_valid_until = False, 0.0  # see mlflow_down
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, root: Path, check: bool = True) -> PipelineTracking:
@@ -110,9 +111,25 @@ class PipelineTracking:
 
     # ------------------------------------------------------------------ stage results
 
+    def mlflow_down(self, what: str) -> bool:
+        """True (with a warning) when MLflow does not answer one quick probe; the answer is
+        kept for 30 s. Driver-side logging after finished work is then skipped instead of
+        failing a run whose results are on disk: with the server back, a rerun of the same
+        config logs them (every stage is cached). Rank 0's curves are spooled for `lethe sync`."""
+        from orchestrator.tracking.resilient import reachable
+
+        now = time.monotonic()
+        if now >= self._probe_valid_until:
+            self._down = not reachable(self.tracker.uri)
+            self._probe_valid_until = now + 30.0
+        if self._down:
+            print(f"[lethe] WARNING: MLflow is unreachable; {what} not logged (results are in "
+                  f"the stage folders; rerun this config once the server is back)", flush=True)
+        return self._down
+
     def log_partition(self, spec: ModelSpec, report: dict[str, Any], stage_dir: Path,
                       scores_dir: Path | None = None, tokenizer_dir: str | None = None) -> None:
-        if not self.enabled:
+        if not self.enabled or self.mlflow_down(f"{spec.name} partition stats"):
             return
         run = self.child(spec, "partition", "-")
         run.log_partition_stats(report)
@@ -141,7 +158,7 @@ class PipelineTracking:
 
     def log_eval(self, results: dict[str, dict[str, Any]], dirs: dict[str, Path],
                  extra_tags: dict[str, Any] | None = None) -> None:
-        if not self.enabled:
+        if not self.enabled or self.mlflow_down("evaluation metrics"):
             return
         specs = {m.name: m for m in self.cfg.models}
         for label, metrics in results.items():
@@ -158,7 +175,7 @@ class PipelineTracking:
 
     def log_train_metrics(self, spec: ModelSpec, method: str, seed: Any,
                           metrics: dict[str, Any]) -> None:
-        if self.enabled:
+        if self.enabled and not self.mlflow_down(f"{spec.name}/{method} final metrics"):
             self.child(spec, method, seed).log_metrics({f"final/{k}": v for k, v in metrics.items()})
 
     def finish_children(self) -> None:
@@ -167,7 +184,7 @@ class PipelineTracking:
 
     def finish(self, wall_s: float, compare: bool = True,
                timeline: dict[str, Any] | None = None) -> None:
-        if not self.enabled or self.parent is None:
+        if not self.enabled or self.parent is None or self.mlflow_down("the run's end"):
             return
         self.parent.log_metrics({"pipeline_wall_s": wall_s})
         if timeline is not None:  # where the wall time went (orchestrator/pipeline/timeline.py)
@@ -207,6 +224,8 @@ class PipelineTracking:
     def comparison_text(self) -> str:
         if not self.enabled:
             return "(tracking disabled: no comparison table)"
+        if self.mlflow_down("the comparison table"):
+            return "(MLflow unreachable: no comparison table; `lethe compare` once it is back)"
         from orchestrator.tracking.compare import CompareOrder, comparison_report
 
         parent = self.parent.run_id if self.parent is not None else None
