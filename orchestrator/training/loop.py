@@ -26,6 +26,7 @@ from orchestrator.config import ModelSpec, TrainConfig
 from orchestrator.method.schedules import lambda_at
 from orchestrator.models import load_model, load_tokenizer, resolve_dtype
 from orchestrator.training import distributed
+from orchestrator.training.checkpoint_policy import CheckpointPolicy
 from orchestrator.training.collate import IGNORE_INDEX, collate
 from orchestrator.training.context import LocalContext, RayContext, make_context
 from orchestrator.training.data import StepPlan, TokenRows, read_table, rows_from_table
@@ -293,6 +294,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
     interval_start, interval_steps, last_norm, lam = time.perf_counter(), 0, None, 0.0
     metrics: dict[str, Any] = {}
     stream = MicroBatchStream(rows, plan, train.seed, pad_id)
+    policy = CheckpointPolicy(train.checkpoint_every, train.checkpoint_every_minutes)
     while state.step < total:
         step = state.step
         batches = stream.for_step(step)
@@ -332,7 +334,10 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
         interval_steps += 1
 
         done = state.step == total
-        ckpt_now = done or (train.checkpoint_every and state.step % train.checkpoint_every == 0)
+        # Every N steps and at least every M minutes (a failure never loses more than that);
+        # the time trigger is agreed over the ranks, so every rank takes this collective.
+        ckpt_now = policy.due(state.step, done, agree=lambda due: bool(
+            _all_reduce(torch.tensor([float(due)]), dist.ReduceOp.MAX).item()))
         eval_now = val_rows is not None and (done or (train.eval_every and
                                                       state.step % train.eval_every == 0))
         if not (done or ckpt_now or eval_now or state.step % log_every == 0):
@@ -365,6 +370,7 @@ def _train(config: dict[str, Any], ctx: LocalContext | RayContext, spec: ModelSp
                 if rank == 0:
                     write_json_atomic(Path(tmp) / STATE_FILE, asdict(state))
                 ctx.report(metrics, Path(tmp), state.step)
+            policy.saved()
             _maybe_inject_failure(config, state.step, rank)
         elif done or eval_now or state.step % report_every == 0:
             ctx.report(metrics, None, state.step)
