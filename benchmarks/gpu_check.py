@@ -3,26 +3,15 @@
     python benchmarks/gpu_check.py --out gpu_check.json             # one GPU, bf16, real shapes
     python benchmarks/gpu_check.py --dry-run --out /tmp/check.json  # CPU, tiny shapes (the tests)
 
-Sections (each writes its figures into the JSON as soon as it ends; a failing section is
-recorded with its error and the others still run; the exit code is 1 if any failed):
-
-- chunked_ce   Lethe's chunked cross-entropy vs the unfused `logits.float()` + CE at
-               LLaMA-3 scale (8 x 2048 rows, hidden 2048, vocab 128256) in bf16: peak memory
-               of forward + backward, max |loss difference|, gradient differences, and both
-               against an fp32 reference.
-- scorer       TokenScorer on two LLaMA-3.2-1B-shaped random bf16 models (sdpa) over 1200
-               log-normal SFT lengths vs the naive path (batches of 6 in data order, padded,
-               full fp32 logits): tokens/s, peak memory, per-token loss differences.
-- train_zero3, train_zero2
-               `run_training_local` (the real loop, no Ray): forget, LoRA r64, bf16,
-               gradient checkpointing, 3 steps at 4 x <=2048 tokens, with a count of the
-               checkpointed layer calls (0 means checkpointing silently did not run).
-- all_reduce   a 1-rank NCCL group: the step sums (host tensors) through
-               orchestrator.training.distributed, which must move them to the GPU; also the
-               combined "cpu:gloo,cuda:nccl" backend.
-
-The dry run uses the same functions with tiny shapes on CPU (gloo instead of NCCL), so
-this script cannot rot before a GPU is lent. Last line: `ratio scorer/naive tokens_per_s X`.
+Sections: chunked_ce (chunked vs unfused CE at LLaMA-3 scale, bf16: memory, differences),
+scorer (TokenScorer vs the naive padded path on two LLaMA-3.2-1B-shaped models), train_zero3
+and train_zero2 (`run_training_local`: forget, LoRA r64, bf16, gradient checkpointing, 3
+steps, checkpointed layer calls counted), all_reduce (the step sums through
+orchestrator.training.distributed in a 1-rank NCCL group). docs/GPU.md has the details and
+how to carry the wheels. Each section writes its figures into the JSON as soon as it ends;
+a failing one records its error and the others still run (exit code 1). The dry run uses
+the same functions with tiny shapes on CPU (gloo instead of NCCL).
+Last line: `ratio scorer/naive tokens_per_s X`.
 """
 
 from __future__ import annotations
