@@ -218,7 +218,7 @@ def stage_asks(cfg: ExperimentConfig) -> list[Ask]:
     if sc.num_gpus_per_actor:
         actor["GPU"] = sc.num_gpus_per_actor
         afields["GPU"] = "scoring.num_gpus_per_actor"
-    asks.append(Ask("score (Ray Data actor pool)", actor, sc.num_actors, afields,
+    asks.append(Ask("score (scoring actors)", actor, sc.num_actors, afields,
                     "scoring.num_actors"))
     if ev.enabled:
         task: Resources = {"CPU": ev.num_cpus}
