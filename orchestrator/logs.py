@@ -19,15 +19,19 @@ Switches, each left alone when the user has set it:
                                        "Writing model shards")
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false   MLflow's artifact up/download bars
     RAY_COLOR_PREFIX=0                 no ANSI colour codes around "(pid=...)" prefixes
-Modules already imported read their switch at import, so they are also told directly.
+Modules already imported read their switch at import, so they are also told directly,
+and tqdm bars created with an explicit `disable=False` (lm-eval's request bars) are switched
+off by `force_tqdm_off`. Ray workers run the same switches through `worker_setup`, named as
+the runtime env's `worker_process_setup_hook` (see `ray_runtime_env`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
-from typing import IO
+from typing import IO, Any
 
 QUIET_ENV: dict[str, str] = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
@@ -59,7 +63,44 @@ def configure_console(interactive: bool | None = None) -> None:
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    worker_setup()
+
+
+def force_tqdm_off() -> None:
+    """Every tqdm bar of this process off, even one created with `disable=False` (lm-eval
+    passes it explicitly, so TQDM_DISABLE alone does not reach its bars)."""
+    import tqdm.std
+
+    cls = tqdm.std.tqdm
+    if getattr(cls, "_lethe_forced_off", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) > 10:  # `disable` is tqdm's 11th positional parameter
+            args = (*args[:10], True, *args[11:])
+        else:
+            kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    cls._lethe_forced_off = True
+
+
+def worker_setup() -> None:
+    """Ray `worker_process_setup_hook`: the switches of `configure_console` in a worker
+    (its environment already carries them on a local instance or through the runtime env)."""
+    if os.environ.get("TQDM_DISABLE") == "1":
+        force_tqdm_off()
     _quiet_loaded_modules()
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """What `ray.init(runtime_env=...)` needs for quiet workers (empty on a terminal)."""
+    if interactive():
+        return {}
+    return {"env_vars": worker_env(), "worker_process_setup_hook": "orchestrator.logs.worker_setup"}
 
 
 def _quiet_loaded_modules() -> None:

@@ -35,6 +35,8 @@ from huggingface_hub.utils import are_progress_bars_disabled
 bar = io.StringIO()
 for _ in tqdm.tqdm(range(3), file=bar):
     pass
+for _ in tqdm.tqdm(range(3), file=bar, disable=False, desc="explicit"):  # as lm-eval does
+    pass
 print(json.dumps({
     "interactive": interactive(),
     "ray_data_bars": ray.data.DataContext.get_current().enable_progress_bars,
@@ -102,7 +104,7 @@ def test_a_terminal_keeps_the_progress_bars():
     state = json.loads(next(line for line in text.splitlines() if line.startswith("{")))
     assert state["interactive"] is True
     assert state["ray_data_bars"] and state["transformers_bars"] and state["hub_bars"]
-    assert "3/3" in state["tqdm_output"]
+    assert "3/3" in state["tqdm_output"] and "explicit" in state["tqdm_output"]
 
 
 def test_configure_console_sets_only_unset_switches(monkeypatch):
@@ -111,7 +113,7 @@ def test_configure_console_sets_only_unset_switches(monkeypatch):
         monkeypatch.delenv(key)
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     # This process's libraries stay as they are (the subprocess tests check that part).
-    monkeypatch.setattr(logs, "_quiet_loaded_modules", lambda: None)
+    monkeypatch.setattr(logs, "worker_setup", lambda: None)
     monkeypatch.setattr(logs, "_interactive", None)
     logs.configure_console(interactive=True)
     assert all(k not in os.environ for k in logs.QUIET_ENV if k != "RAY_COLOR_PREFIX")
@@ -120,6 +122,10 @@ def test_configure_console_sets_only_unset_switches(monkeypatch):
     assert logs.interactive() is False
     assert os.environ["RAY_COLOR_PREFIX"] == "1"  # set by the user: kept
     assert logs.worker_env() == {**logs.QUIET_ENV, "RAY_COLOR_PREFIX": "1"}
+    assert logs.ray_runtime_env() == {"env_vars": logs.worker_env(),
+                                      "worker_process_setup_hook": "orchestrator.logs.worker_setup"}
+    monkeypatch.setattr(logs, "_interactive", True)
+    assert logs.ray_runtime_env() == {}
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.04, "0.0 s"), (35.24, "35.2 s"), (59.96, "60.0 s"),
