@@ -219,7 +219,18 @@ def noise_auroc(tokens: Path, scores: Path, data: Path) -> dict[str, Any]:
 @torch.inference_mode()
 def evaluate(model_dir: Path, spec: ModelSpec, data: Path, max_gen: int = 48) -> dict[str, float]:
     """MC accuracy (sum log-likelihood of each full choice) and generation exact match
-    (greedy, final answer after 'The answer is'), as the lm-eval tasks compute them."""
+    (greedy, final answer after 'The answer is'), as the lm-eval tasks compute them.
+    Cached beside the model (study_eval.json), keyed by the eval files."""
+    cache = Path(model_dir) / "study_eval.json"
+    ident = _key([(data / n).read_text() for n in ("eval_mc.jsonl", "eval_gen.jsonl")])
+    if cache.is_file() and json.loads(cache.read_text()).get("ident") == ident:
+        return json.loads(cache.read_text())["result"]
+    result = _evaluate(model_dir, spec, data, max_gen)
+    cache.write_text(json.dumps({"ident": ident, "result": result}))
+    return result
+
+
+def _evaluate(model_dir: Path, spec: ModelSpec, data: Path, max_gen: int) -> dict[str, float]:
     tok = load_tokenizer(spec, str(model_dir))
     model = load_model(str(model_dir), spec).eval()
     prompt = "<|user|>\n{q}\n<|assistant|>\n"
