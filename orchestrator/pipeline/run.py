@@ -57,9 +57,11 @@ def init_ray(cfg: ExperimentConfig) -> None:
     forwarded = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                  "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
                  "MLFLOW_TRACKING_URI")
-    from orchestrator.logs import worker_env
+    from orchestrator.logs import ray_runtime_env
 
-    env = {**{k: os.environ[k] for k in forwarded if k in os.environ}, **worker_env()}
+    quiet = ray_runtime_env()  # no progress bars in workers when stdout is not a terminal
+    env = {**{k: os.environ[k] for k in forwarded if k in os.environ}, **quiet.get("env_vars", {})}
+    hook = {k: v for k, v in quiet.items() if k != "env_vars"}
     if cfg.ray.address and cfg.ray.address != "local":
         from orchestrator.pipeline.credentials import credential_env, describe
 
@@ -67,7 +69,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
         # MLflow server and S3 need the credentials there. Names are printed, never values.
         creds = credential_env()
         print(f"[lethe] ray.address={cfg.ray.address}: {describe(creds)}", flush=True)
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": {**env, **creds}})
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": {**env, **creds}, **hook})
     elif os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit`: the job's runtime env (cluster/runtime_env*.yaml) is the
         # one source of env vars; Ray refuses a driver env that repeats its keys.
@@ -76,7 +78,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
         # The embedded instance: address="local" always starts a fresh one; a bare ray.init()
         # would join any Ray head already running on this machine (its resources, its env).
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env={"env_vars": env})
+                 dashboard_host="127.0.0.1", runtime_env={"env_vars": env, **hook})
 
 
 class TrainingSlots:
@@ -261,7 +263,7 @@ def serve_ui(cfg: ExperimentConfig, port: int = 5000) -> None:
     from orchestrator.tracking.ui import start_ui, stop_ui
 
     track = PipelineTracking.open(cfg, run_dir(cfg))
-    proc = start_ui(track.uri, host="127.0.0.1", port=port)
+    proc = start_ui(track.uri, host="127.0.0.1", port=port, experiment=track.tracker.experiment)
     print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
 
     # The server runs in its own process group; a SIGTERM to this command (a job manager,
