@@ -29,4 +29,6 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/partition_bench.py
 	$(PY) benchmarks/score_bench.py
+	$(PY) benchmarks/token_loss_bench.py
 	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/scale_bench.py
