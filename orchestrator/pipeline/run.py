@@ -137,8 +137,11 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
     tl.add_training("reference", name, S.stage_metrics(reference) if not reference.cached else {})
     if until == "reference":
         return out
+    t_score = time.time()
     with tl.span("score", name):
         scores = S.score_stage(cfg, base, reference, tokens)
+    if not scores.cached:
+        tl.add_scoring("score", name, t_score, S.scoring_summary(scores))
     if until == "score":
         return out
     with tl.span("partition", name, "data"):

@@ -303,6 +303,12 @@ def scores_path(scores: StageOut) -> Path:
     return Path(json.loads((scores.dir / "_SUCCESS.json").read_text())["scores_path"])
 
 
+def scoring_summary(scores: StageOut) -> dict[str, Any]:
+    """What the scoring run reported (tokens, tokens/s, padding, timings)."""
+    path = scores_path(scores) / "_SUCCESS.json"
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
 def partition_report(partition: StageOut) -> dict[str, Any]:
     return dict(json.loads((partition.dir / "_SUCCESS.json").read_text())["report"])
 

@@ -102,6 +102,18 @@ class Timeline:
         if "end" in t:
             self.add(stage, model, "export", t["trained"], t["end"])
 
+    def add_scoring(self, stage: str, model: str, start: float, summary: dict[str, Any]) -> None:
+        """Spans of a scoring run from its summary's `timings` (orchestrator/scoring/stage.py):
+        actor pool start-up (processes, imports, two model loads), then the actors' scoring."""
+        t = summary.get("timings") or {}
+        end = summary.get("finished_at")
+        if end is None or "actors_ready_s" not in t or "score_wall_s" not in t:
+            return
+        self.add(stage, model, "startup", start, start + t["actors_ready_s"])
+        compute_start = end - t["score_wall_s"]
+        self.add(stage, model, "compute", compute_start,
+                 compute_start + t.get("actor_score_s", t["score_wall_s"]))
+
     def summary(self, end: float | None = None) -> dict[str, Any]:
         end = time.time() if end is None else end
         wall = max(1e-9, end - self.start)
