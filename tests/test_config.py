@@ -60,7 +60,7 @@ def test_out_of_range_value_is_named():
 
 def test_model_needs_exactly_one_source():
     raw = {"name": "t", "models": [{"name": "m", "family": "llama"}]}
-    with pytest.raises(ConfigError, match="exactly one of `pretrained` or `from_config`"):
+    with pytest.raises(ConfigError, match="exactly one of `pretrained`, `from_config` or `gguf`"):
         config_from_dict(raw)
 
 
