@@ -12,15 +12,25 @@ Both paths score every sample with a base and a reference model:
 - lethe: `TokenScorer` (length bucketing by token budget, no mask with right padding,
   chunked CE on response rows only).
 
-Reports real tokens/s (sample tokens through both models per second; best of --repeats alternating runs), the padded fraction
-of computed tokens, peak memory (CUDA max_memory_allocated; RSS growth on CPU) and the max
-difference between the two paths' losses. No Ray import (the GPU box has no Ray). The last
-line is `ratio lethe/naive tokens_per_s <x>`.
+Reports real tokens/s (sample tokens through both models per second; best of --repeats
+alternating runs), the padded fraction of computed tokens, peak memory (CUDA
+max_memory_allocated; RSS growth on CPU) and the max difference between the two paths' losses.
+
+Second part (CPU, skipped with --ray-rows 0 or when Ray is not installed): the orchestration's
+own cost. The same TokenScorer through the scoring stage (`run_scoring`: Ray actors that
+load both models, read their blocks and write the part files) vs the bare scorer in this
+process (models loaded from the same folders, same Parquet input, same blocks and calls of
+`batch_size` rows) on a corpus of --ray-rows rows (default 20 000, demo-like lengths, the
+demo's 2-layer 64-wide model). Both use the machine's cores: the bare scorer all torch
+threads, the stage one actor per core. Wall time counts everything a user waits for (model
+loads, actor start-up, reading, writing); Ray is started before the clock. The last line is
+`ratio ray/bare tokens_per_s <x>`, or `ratio lethe/naive tokens_per_s <x>` without Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -141,6 +151,75 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def compare_stage(rows: int, actors: int | None, repeats: int, seed: int) -> None:
+    """The scoring stage (Ray actors, run_scoring) vs the bare TokenScorer, same input."""
+    import shutil
+    import tempfile
+
+    import pyarrow.parquet as pq
+    import ray
+    from scale_bench import DEMO_MODEL, save_models, start_ray, write_tokens
+
+    from orchestrator.config import ScoringConfig
+    from orchestrator.scoring.stage import _table_to_batch, run_scoring
+
+    cores = max(1, min(2, os.cpu_count() or 1))
+    actors = actors or cores
+    root = Path(tempfile.mkdtemp(prefix="score_bench_"))
+    try:
+        vocab = 1024
+        tokens = write_tokens(root / "tokens.parquet", rows, vocab, (40, 160), seed)
+        base, ref = save_models(root, DEMO_MODEL, vocab)
+        cfg = ScoringConfig(num_actors=actors, batch_size=256, token_budget=8192, chunk_size=2048)
+        block_rows = 2048
+        real = int(pq.read_table(tokens, columns=["num_tokens"])["num_tokens"].to_numpy().sum())
+        print(f"# stage vs bare: {rows} rows, {real} tokens, demo model {DEMO_MODEL}, "
+              f"{actors} actor(s) x 1 CPU vs {cores} torch threads, block_rows {block_rows}")
+        start_ray(actors)
+        best: dict[str, float] = {}
+        timings = {}
+        for rep in range(repeats):
+            torch.set_num_threads(cores)
+            t0 = time.perf_counter()
+            scorer = TokenScorer(base, ref, device="cpu", token_budget=cfg.token_budget,
+                                 chunk_size=cfg.chunk_size)
+            table = pq.read_table(tokens, columns=["sample_id", "input_ids", "response_mask"])
+            table = table.sort_by("sample_id")
+            bare = {"base_loss": [], "ref_loss": []}
+            for b0 in range(0, table.num_rows, block_rows):
+                block = table.slice(b0, block_rows)
+                for s0 in range(0, block.num_rows, cfg.batch_size):
+                    out = scorer(_table_to_batch(block.slice(s0, cfg.batch_size)))
+                    bare["base_loss"].extend(out["base_loss"])
+                    bare["ref_loss"].extend(out["ref_loss"])
+            best["bare"] = min(best.get("bare", float("inf")), time.perf_counter() - t0)
+            del scorer
+            out_dir = root / f"scores-{rep}"
+            t0 = time.perf_counter()
+            run_scoring(tokens, base, ref, cfg, out_dir, block_rows=block_rows)
+            dt = time.perf_counter() - t0
+            if dt < best.get("ray", float("inf")):
+                best["ray"] = dt
+                timings = json.loads((out_dir / "_SUCCESS.json").read_text())["timings"]
+            scores = pq.read_table(out_dir)
+            shutil.rmtree(out_dir)
+        ray.shutdown()
+        diff, equal = 0.0, 0
+        for key in ("base_loss", "ref_loss"):
+            for got, want in zip(scores[key].to_pylist(), bare[key], strict=True):
+                got = np.asarray(got, dtype=np.float32)
+                diff = max(diff, float(np.nanmax(np.abs(got - want), initial=0.0)))
+                equal += int(np.array_equal(got, want, equal_nan=True))
+        for name in ("bare", "ray"):
+            print(f"{name:6s} {real / best[name]:12.0f} tokens/s (both models, wall incl. model "
+                  f"loads)  {best[name]:.1f} s")
+        print(f"# ray stage time split (s): {json.dumps(timings)}")
+        print(f"max |ray - bare| loss {diff:.2e}; rows bit-equal {equal}/{2 * rows}")
+        print(f"ratio ray/bare tokens_per_s {best['bare'] / best['ray']:.3f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -150,6 +229,8 @@ def main() -> None:
     p.add_argument("--ray-batch", type=int, default=256, help="rows per TokenScorer call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per path; best kept")
+    p.add_argument("--ray-rows", type=int, default=20000, help="rows for the stage vs bare part (0: skip)")
+    p.add_argument("--ray-actors", type=int, default=None, help="default: one per core (max 2)")
     args = p.parse_args()
     device = args.device
     shape = GPU_SHAPE if device == "cuda" else CPU_SHAPE
@@ -210,6 +291,13 @@ def main() -> None:
     print(f"max |lethe - naive| loss {diff:.2e}; NaN positions identical: {nan_same}")
     print(f"ratio lethe/naive peak_memory {results['lethe'][2] / max(results['naive'][2], 1):.3f}")
     print(f"ratio lethe/naive tokens_per_s {results['lethe'][0] / results['naive'][0]:.3f}")
+    if device == "cpu" and args.ray_rows > 0:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("# Ray is not installed: the stage comparison is skipped")
+            return
+        compare_stage(args.ray_rows, args.ray_actors, args.repeats, args.seed)
 
 
 if __name__ == "__main__":
