@@ -239,12 +239,19 @@ def _blockwise_bare(tokens: Path, base: str, ref: str, block_rows: int, batch_si
     table = pq.read_table(tokens).sort_by("sample_id")
     scorer = TokenScorer(base, ref, device="cpu", **kwargs)
     out = {"sample_id": [], "base_loss": [], "ref_loss": []}
-    for b0 in range(0, table.num_rows, block_rows):
-        block = table.slice(b0, block_rows)
-        for s0 in range(0, block.num_rows, batch_size):
-            got = scorer(scoring_stage._table_to_batch(block.slice(s0, batch_size)))
-            for key in out:
-                out[key].extend(got[key])
+    # One thread, like an actor with num_cpus=1: another thread count may split a reduction
+    # differently and change the last bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for b0 in range(0, table.num_rows, block_rows):
+            block = table.slice(b0, block_rows)
+            for s0 in range(0, block.num_rows, batch_size):
+                got = scorer(scoring_stage._table_to_batch(block.slice(s0, batch_size)))
+                for key in out:
+                    out[key].extend(got[key])
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
