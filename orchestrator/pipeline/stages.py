@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from orchestrator.cache import Stage, path_fingerprint
 from orchestrator.config import ExperimentConfig, ModelSpec
 
 log = logging.getLogger("lethe.pipeline")
+_BASE_BUILD_LOCK = threading.Lock()
 
 # Config fields that only change scheduling or resources, never the numbers produced.
 _SCORING_RESOURCE_FIELDS = {"num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "batch_size",
@@ -158,13 +160,19 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
     st, cached = _open(cfg, "base", inputs)
     if not cached:
         model_dir = st.dir / "model"
-        materialize_base(spec, corpus_texts(rows_path), model_dir, seed=cfg.seed)
-        summary: dict[str, Any] = {"model_path": str(model_dir)}
-        if spec.warmup is not None:  # clean synthetic text; held-out questions kept out
-            from orchestrator.models.warmup import warm_up_base
+        synthetic_dir = synthetic_stage(cfg).dir if spec.warmup is not None else None
+        # One family at a time in this process: loading a model patches module construction
+        # process-wide (meta-device init), which breaks a warm-up backward running in another
+        # family's thread ("expected device meta but got cpu"), and the warm-up's seeded RNG
+        # is the process's.
+        with _BASE_BUILD_LOCK:
+            materialize_base(spec, corpus_texts(rows_path), model_dir, seed=cfg.seed)
+            summary: dict[str, Any] = {"model_path": str(model_dir)}
+            if spec.warmup is not None:  # clean synthetic text; held-out questions kept out
+                from orchestrator.models.warmup import warm_up_base
 
-            summary["warmup"] = warm_up_base(spec, model_dir, cfg.data.synthetic,
-                                             synthetic_stage(cfg).dir, cfg.data.max_seq_len)
+                summary["warmup"] = warm_up_base(spec, model_dir, cfg.data.synthetic,
+                                                 synthetic_dir, cfg.data.max_seq_len)
         st.mark_done(summary)
     return StageOut(st.key, st.dir, cached)
 
