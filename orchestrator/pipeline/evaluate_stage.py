@@ -93,9 +93,9 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
               f"  ({label})", flush=True)
     if todo:
         if in_process:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            # As configured, not as visible: the runner fails clearly when GPUs were asked
+            # for and none is there.
+            device = "cuda" if cfg.evaluate.num_gpus > 0 else "cpu"
             fresh = {label: evaluate_model(path, cfg.evaluate, include, device=device)
                      for label, path in todo.items()}
         else:

@@ -289,7 +289,8 @@ def score_stage(cfg: ExperimentConfig, base: StageOut, reference: StageOut,
         # run_scoring resumes block by block inside its own folder when it was killed.
         out = run_scoring(tokens.dir / "tokens.parquet", model_path(base), model_path(reference),
                           cfg.scoring, st.dir / "scores",
-                          trust_remote_code=_spec_of(base).trust_remote_code)
+                          trust_remote_code=_spec_of(base).trust_remote_code,
+                          attn_implementation=_spec_of(base).attn_implementation)
         st.mark_done({"scores_path": str(out)})
     return StageOut(st.key, st.dir, cached)
 
