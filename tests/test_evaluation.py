@@ -176,7 +176,7 @@ def test_scripted_lm_scores_exactly(eval_files, wrong):
 
 
 @pytest.mark.ray
-def test_evaluate_many_runs_one_ray_task_per_model(ray_local, tiny_model_dir, eval_files):
+def test_evaluate_many_spreads_models_over_ray_tasks(ray_local, tiny_model_dir, eval_files):
     from orchestrator.evaluation import evaluate_many
 
     cfg = EvaluateConfig(tasks=[MC_TASK], limit=3, batch_size=4, num_cpus=0.5)
