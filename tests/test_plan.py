@@ -75,12 +75,14 @@ def test_demo_config_fits_its_local_instance(tmp_path):
     cfg = load_config(ROOT / "configs/demo.yaml", [f"run_dir={tmp_path / 'runs'}"])
     plan = P.make_plan(cfg, resources=_cluster(_node(cfg.ray.num_cpus)))
     assert plan.placeable, plan.problems
-    # synthetic + per model: base, tokens, valid tokens, reference, scores, partition, 3 trains
-    assert len(plan.stages) == 1 + 3 * 9
+    # synthetic + per model: base, tokens, valid tokens, reference, scores, partition, and
+    # 3 methods x 3 seeds of training
+    assert len(plan.stages) == 1 + 3 * 15
     assert {r["model"] for r in plan.data} == {"tiny-llama", "tiny-qwen2", "tiny-gptneo"}
-    # 1200 rows, 30 % for the reference, 1 worker x 16 rows per step, one epoch.
-    assert all(r["train_rows"] == 1200 and r["train_steps"] == 75 and r["reference_steps"] == 23
-               for r in plan.data)
+    # 1200 rows, 1 worker x 16 rows per step, two epochs; the reference: a clean half of the
+    # pool (600 rows, 38 micro-batches an epoch) for three epochs.
+    assert all(r["train_rows"] == 1200 and r["train_steps"] == 150 and r["reference_rows"] == 600
+               and r["reference_steps"] == 114 and r["trainings"] == 9 for r in plan.data)
     assert "OK: every stage can be placed" in P.format_plan(plan)
     assert not (tmp_path / "runs").exists()
 
