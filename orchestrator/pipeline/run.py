@@ -266,21 +266,23 @@ def serve_ui(cfg: ExperimentConfig, port: int = 5000) -> None:
     from orchestrator.tracking.ui import start_ui, stop_ui
 
     track = PipelineTracking.open(cfg, run_dir(cfg))
-    proc = start_ui(track.uri, host="127.0.0.1", port=port, experiment=track.tracker.experiment)
-    print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
 
     # The server runs in its own process group; a SIGTERM to this command (a job manager,
-    # `timeout`) must stop it too, as Ctrl-C does.
+    # `timeout`) must stop it too, as Ctrl-C does -- also while it is still starting.
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _terminate)
+    proc = None
     try:
+        proc = start_ui(track.uri, host="127.0.0.1", port=port, experiment=track.tracker.experiment)
+        print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        stop_ui(proc)
+        if proc is not None:
+            stop_ui(proc)
         signal.signal(signal.SIGTERM, previous)
 
 

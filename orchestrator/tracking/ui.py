@@ -143,20 +143,22 @@ def start_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, *,
     if log_path:
         log.close()  # the child holds its own descriptor
     url = f"http://{host}:{port}"
-    if wait:
-        try:
-            wait_until_ready(url, proc, timeout)
-        except TrackingError:
-            stop_ui(proc)
-            raise
-    print(f"MLflow UI: {url}  (pid {proc.pid})", flush=True)
+    # Whatever stops us before the caller holds `proc` (a failed start, Ctrl-C, a SIGTERM
+    # turned into KeyboardInterrupt) must not leave the server running in its own group.
     try:
-        runs = runs_view_url(tracking_uri, url, experiment)
-    except Exception as exc:  # noqa: BLE001 - the server is up; the view is a convenience
-        print(f"(no runs view: {type(exc).__name__}: {exc})", flush=True)
-        runs = None
-    if runs is not None:
-        print(f"Runs of the latest pipeline run: {runs}", flush=True)
+        if wait:
+            wait_until_ready(url, proc, timeout)
+        print(f"MLflow UI: {url}  (pid {proc.pid})", flush=True)
+        try:
+            runs = runs_view_url(tracking_uri, url, experiment)
+        except Exception as exc:  # noqa: BLE001 - the server is up; the view is a convenience
+            print(f"(no runs view: {type(exc).__name__}: {exc})", flush=True)
+            runs = None
+        if runs is not None:
+            print(f"Runs of the latest pipeline run: {runs}", flush=True)
+    except BaseException:
+        stop_ui(proc)
+        raise
     return proc
 
 
