@@ -52,15 +52,11 @@ def loop_config(job: TrainJob, backend: str) -> dict[str, Any]:
     return cfg
 
 
-def _planned(job: TrainJob) -> int:
+def _planned(job: TrainJob, config: dict[str, Any]) -> int:
+    """Optimizer steps of a job, from its loop config (whose subset is already resolved)."""
     train = job.train_config()
-    if not Path(job.train_path).exists():
-        raise FileNotFoundError(f"training data not found: {job.train_path}")
-    if job.subset is not None:
-        ids = pq.read_table(job.train_path, columns=["sample_id"]).column("sample_id").to_numpy()
-        n_rows = len(select_subset(ids, job.subset))
-    else:
-        n_rows = pq.ParquetFile(job.train_path).metadata.num_rows
+    keep = config.get("keep_sample_ids")
+    n_rows = len(keep) if keep is not None else pq.ParquetFile(job.train_path).metadata.num_rows
     return planned_updates(n_rows, train.num_workers, train.micro_batch_size,
                            train.grad_accum_steps, train.epochs, train.max_steps)
 
@@ -105,14 +101,19 @@ def _fit(jobs: list[TrainJob], run_name: str, storage_path: str) -> None:
     from ray.train.torch import TorchTrainer
 
     train = jobs[0].train_config()
-    planned = {j.run_name: _planned(j) for j in jobs}
+    for job in jobs:
+        if not Path(job.train_path).exists():
+            raise FileNotFoundError(f"training data not found: {job.train_path}")
+    # One read of each job's sample ids: the subset resolved here serves the plan and workers.
+    configs = [loop_config(j, "ray") for j in jobs]
+    planned = {j.run_name: _planned(j, c) for j, c in zip(jobs, configs, strict=True)}
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker or 1.0
     callbacks = [cb for j in jobs for cb in j.callbacks]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"jobs": [loop_config(j, "ray") for j in jobs]},
+        train_loop_config={"jobs": configs},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
