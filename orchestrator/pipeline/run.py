@@ -84,10 +84,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
 class TrainingSlots:
     """Caps how many Ray Train runs are in flight at once.
 
-    A Ray Train run reserves its workers' CPUs first and then needs free CPUs for the Ray
-    Data tasks that read its shard. If concurrent runs reserve every CPU, all of their reads
-    wait forever (seen with 4 runs x 0.9 CPU on 4 slots). Keeping two CPUs free of worker
-    reservations lets the reads, and a scoring actor, always make progress.
+    Runs reserve their workers' CPUs; keeping two CPUs free of worker reservations lets the
+    other families' scoring actors and evaluation tasks always make progress (training reads
+    its rows straight from Parquet, so it needs no extra Ray Data tasks any more).
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
