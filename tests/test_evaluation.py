@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,27 @@ def test_evaluate_tiny_model_writes_json(tiny_model_dir, eval_files):
     assert saved["metrics"] == metrics
     assert saved["lm_eval"]["n-shot"] == {MC_TASK: 0, GEN_TASK: 1}
     assert saved["model_args"]["trust_remote_code"] is False
+
+
+def test_inherited_launcher_env_does_not_make_evaluation_distributed(
+        tiny_model_dir, eval_files, monkeypatch):
+    """A Ray worker can inherit RANK / LOCAL_RANK / MASTER_PORT (a CI run's `ray start` did,
+    from a test process that had trained locally): accelerate then joined a process group on
+    a port already taken and every model failed with EADDRINUSE."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        leaked = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        for key, value in leaked.items():
+            monkeypatch.setenv(key, value)
+        cfg = EvaluateConfig(tasks=[MC_TASK], limit=2, batch_size=2)
+        metrics = evaluate_model(tiny_model_dir, cfg, str(eval_files["include"]))
+    assert set(metrics) == {MC_TASK}
+    assert {key: os.environ.get(key) for key in leaked} == leaked  # put back afterwards
 
 
 class ScriptedLM:

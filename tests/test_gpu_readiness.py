@@ -115,6 +115,20 @@ def test_every_training_collective_goes_through_the_helper(assets, monkeypatch):
     assert {d for _, d in seen} <= set(distributed.backend_devices("cpu:gloo,cuda:nccl"))
 
 
+def test_local_training_leaves_the_process_environment_as_it_found_it(assets, monkeypatch):
+    """The launcher variables a local run sets for its 1-rank group are put back: a process
+    started later (a `ray start`, a Ray worker) must not inherit a stale MASTER_PORT."""
+    tmp, base, data = assets
+    launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    for key in launch:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.9")  # a caller's own value survives
+    run_training_local(make_job(tmp, base, data, method="sft", name="env", max_steps=1,
+                                micro_batch_size=4))
+    assert {key: os.environ.get(key) for key in launch} == {
+        "MASTER_ADDR": "10.0.0.9", **{key: None for key in launch[1:]}}
+
+
 # ----------------------------------------------------- train mode, checkpointing (point 2)
 
 

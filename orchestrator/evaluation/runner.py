@@ -9,11 +9,13 @@ removed; the full JSON-safe results are written to `eval_results.json` beside th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,26 @@ RESULTS_FILENAME = "eval_results.json"
 _NOT_METRICS = {"alias", "name", "sample_len", "sample_count"}
 # Offline always: a missing local file must fail, never fall back to a download.
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+# torch.distributed launcher variables. accelerate (inside lm-eval's `hf` model) takes a set
+# LOCAL_RANK for a multi-process launch and joins a process group on MASTER_PORT; a Lethe
+# evaluation is one process, and such variables reach it only by leaking (a Ray worker
+# started from a shell that had run a local training, a node image that exports them).
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "NODE_RANK")
+
+
+@contextlib.contextmanager
+def single_process_env() -> Iterator[list[str]]:
+    """Hide the launcher variables while evaluating; yields the names hidden (restored after)."""
+    hidden = {key: os.environ.pop(key) for key in _LAUNCHER_ENV if key in os.environ}
+    if hidden:
+        log.warning("evaluation is single-process: ignoring inherited %s", ", ".join(sorted(hidden)))
+    try:
+        yield sorted(hidden)
+    finally:
+        os.environ.update(hidden)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -215,8 +237,9 @@ def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None
     """
     include_path = include_path or cfg.include_path
     check_eval_device(cfg, device)
-    lm, model_args = load_hf_lm(model_dir, cfg, device)
-    raw = run_lm_eval(lm, cfg, include_path)
+    with single_process_env():
+        lm, model_args = load_hf_lm(model_dir, cfg, device)
+        raw = run_lm_eval(lm, cfg, include_path)
     metrics = {task: normalise_metrics(res) for task, res in raw.get("results", {}).items()}
 
     target = Path(results_path) if results_path else (

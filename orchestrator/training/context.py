@@ -69,10 +69,14 @@ class LocalContext:
         if dist.is_initialized():
             return
         # A fresh port each time: a MASTER_PORT left in the environment by an earlier group
-        # of this process (or inherited from a parent) may still be bound.
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        # of this process (or inherited from a parent) may still be bound. The variables are
+        # put back in close(): left behind, they reach every child process (a `ray start`
+        # launched later inherits them, and accelerate in lm-eval then joins a "distributed"
+        # group on that stale port: EADDRINUSE).
+        launch = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        self._saved_env = {key: os.environ.get(key) for key in launch}
+        os.environ.update(launch)
         dist.init_process_group(backend=backend, rank=0, world_size=1)
         self._owns_group = True
 
@@ -86,6 +90,12 @@ class LocalContext:
                 ds_comm.destroy_process_group()
             else:
                 dist.destroy_process_group()
+        for key, value in getattr(self, "_saved_env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
 
     def use_job(self, config: dict[str, Any]) -> None:
         """The next job of this worker (several jobs can share one worker group)."""
