@@ -47,3 +47,20 @@ def test_span_records_failures_too(capsys):
         pass
     assert tl.spans[0].stage == "reference"
     assert "failed" in capsys.readouterr().out
+
+
+def test_evaluation_load_is_startup_and_lm_eval_is_compute(monkeypatch):
+    """lm-eval's forward passes are model compute; loading the model is start-up."""
+    from orchestrator.pipeline import evaluate_stage, timeline
+
+    tl = timeline.begin(0.0)
+    evaluate_stage._add_to_timeline({
+        "tiny-llama/base/-": {"start": 10.0, "loaded": 12.0, "evaluated": 30.0},
+        "tiny-qwen/sft/s0": {"start": 11.0, "loaded": 14.0, "evaluated": 20.0},
+        "tiny-qwen/forget/s0": {"start": 11.0},  # failed before loading: no span
+    })
+    summ = tl.summary(end=40.0)
+    assert summ["compute_seconds"] == 18.0  # [12, 30] covers [14, 20]
+    assert summ["stages"]["evaluate"]["startup"] == 2.0 + 3.0
+    assert {s.model for s in tl.spans} == {"tiny-llama", "tiny-qwen"}
+

@@ -85,6 +85,8 @@ def test_warm_up_base_lowers_the_loss_and_is_deterministic(corpus, tmp_path):
         assert json.loads((out / WARMUP_REPORT).read_text())["steps"] == 30
     assert reports[0]["final_loss"] < reports[0]["first_loss"] - 1.0
     assert reports[0]["final_loss"] == reports[1]["final_loss"]
+    # wall-clock stamps of the training loop: the pipeline timeline's compute span
+    assert reports[0]["started_at"] < reports[0]["trained_at"] <= reports[1]["started_at"]
     for k, v in weights[0].items():
         torch.testing.assert_close(v, weights[1][k], rtol=0, atol=0, msg=k)
 

@@ -29,8 +29,10 @@ def _evaluate_batch_body(model_dirs: dict[str, str], cfg_dict: dict,
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     out: dict[str, dict] = {}
     for name, path in model_dirs.items():
+        timing: dict[str, float] = {}
         try:
-            out[name] = {"metrics": evaluate_model(path, cfg, include_path, device=device)}
+            out[name] = {"metrics": evaluate_model(path, cfg, include_path, device=device,
+                                                   timing=timing), "timing": timing}
         except Exception as exc:  # noqa: BLE001 - reported per model by the caller
             out[name] = {"error": f"{type(exc).__name__}: {exc}",
                          "traceback": traceback.format_exc(limit=5)}
@@ -52,11 +54,13 @@ def split_round_robin(names: list[str], k: int) -> list[list[str]]:
 
 
 def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
-                  include_path: str | None) -> dict[str, dict]:
+                  include_path: str | None,
+                  timings: dict[str, dict[str, float]] | None = None) -> dict[str, dict]:
     """{name: model_dir} -> {name: {task: {metric: value}}}, models spread over Ray tasks.
 
     Uses the running Ray instance (or starts a local one, as `ray.remote` does).
-    A failing model raises here with its name, after the others finished.
+    A failing model raises here with its name, after the others finished. `timings`, when
+    given, receives each evaluated model's wall-clock stamps (start, loaded, evaluated).
     """
     import ray
 
@@ -73,6 +77,8 @@ def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
         for name, outcome in ray.get(ref).items():
             if "metrics" in outcome:
                 results[name] = outcome["metrics"]
+                if timings is not None:
+                    timings[name] = outcome.get("timing", {})
             else:
                 errors[name] = outcome["error"]
     if errors:

@@ -229,17 +229,25 @@ def check_eval_device(cfg: EvaluateConfig, device: str) -> None:
 
 
 def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None,
-                   device: str = "cpu", *, results_path: str | None = None) -> dict:
+                   device: str = "cpu", *, results_path: str | None = None,
+                   timing: dict[str, float] | None = None) -> dict:
     """Run lm-eval on a saved HF model folder; return {task: {metric: value}}.
 
     The JSON results go to `results_path`, default `<model_dir>/eval_results.json` when
-    model_dir is a local folder (a hub id has no folder to write beside).
+    model_dir is a local folder (a hub id has no folder to write beside). `timing`, when
+    given, receives wall-clock stamps: start, loaded (model ready), evaluated.
     """
+    import time
+
+    stamps = timing if timing is not None else {}
+    stamps["start"] = time.time()
     include_path = include_path or cfg.include_path
     check_eval_device(cfg, device)
     with single_process_env():
         lm, model_args = load_hf_lm(model_dir, cfg, device)
+        stamps["loaded"] = time.time()
         raw = run_lm_eval(lm, cfg, include_path)
+        stamps["evaluated"] = time.time()
     metrics = {task: normalise_metrics(res) for task, res in raw.get("results", {}).items()}
 
     target = Path(results_path) if results_path else (

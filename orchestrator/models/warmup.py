@@ -120,7 +120,7 @@ def warmup_model(spec: ModelSpec, model_dir: str | Path, texts: list[str], cfg: 
     order: list[int] = []
     losses: list[float] = []
     tokens = 0
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.time()
     for _ in range(cfg.steps):
         if len(order) < cfg.batch_size:
             order.extend(order_rng.permutation(len(enc)).tolist())
@@ -145,12 +145,14 @@ def warmup_model(spec: ModelSpec, model_dir: str | Path, texts: list[str], cfg: 
         losses.append(float(loss.detach()))
         tokens += int(mask.sum())
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    trained_at = time.time()  # wall-clock stamps: the pipeline timeline's compute span
     model.save_pretrained(str(model_dir))
     tail = losses[-max(1, len(losses) // 10):]
     report = {"steps": cfg.steps, "rows": len(enc), "tokens": tokens, "seconds": seconds,
               "cpu_seconds": cpu, "tokens_per_s": tokens / seconds if seconds else 0.0,
               "tokens_per_cpu_s": tokens / cpu if cpu else 0.0,
-              "first_loss": losses[0], "final_loss": float(np.mean(tail))}
+              "first_loss": losses[0], "final_loss": float(np.mean(tail)),
+              "started_at": started_at, "trained_at": trained_at}
     (model_dir / WARMUP_REPORT).write_text(json.dumps(report, indent=2))
     return report
 

@@ -101,9 +101,12 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
         else:
             from orchestrator.evaluation.ray_stage import EvaluationFailed
 
+            timings: dict[str, dict[str, float]] = {}
             try:
-                fresh = evaluate_many(todo, cfg.evaluate, include)
+                fresh = evaluate_many(todo, cfg.evaluate, include, timings)
+                _add_to_timeline(timings)
             except EvaluationFailed as failed:
+                _add_to_timeline(timings)
                 _store(stages, failed.results)  # a rerun evaluates only the failed models
                 finished = {label: st for label, st in stages.items() if st.done()}
                 for label in failed.errors:  # let a concurrent or later run retry them
@@ -115,6 +118,17 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
         _store(stages, fresh)
     results = {label: dict(st.summary()["metrics"]) for label, st in stages.items()}
     return results, {label: st.dir for label, st in stages.items()}
+
+
+def _add_to_timeline(timings: dict[str, dict[str, float]]) -> None:
+    """Each evaluated model's load (start-up) and lm-eval run (compute) on the run's timeline."""
+    from orchestrator.pipeline import timeline
+
+    tl = timeline.current()
+    for label, t in timings.items():
+        if {"start", "loaded", "evaluated"} <= t.keys():
+            tl.add("evaluate", label.split("/", 1)[0], "startup", t["start"], t["loaded"])
+            tl.add("evaluate", label.split("/", 1)[0], "compute", t["loaded"], t["evaluated"])
 
 
 def _store(stages: dict[str, Stage], fresh: dict[str, dict[str, Any]]) -> None:

@@ -123,6 +123,10 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
     tl, name = timeline.current(), spec.name
     with tl.span("base", name, "startup"):
         base = S.base_stage(cfg, spec, rows, rows_ident)
+    if not base.cached:  # a warm-up trains the base: model compute like any training
+        warm = S.stage_summary(base).get("warmup") or {}
+        if "started_at" in warm and "trained_at" in warm:
+            tl.add("base", name, "compute", warm["started_at"], warm["trained_at"])
     out.base_model = S.model_path(base)
     with tl.span("tokens", name, "data"):
         tokens = S.tokens_stage(cfg, base, rows, rows_ident, split="train")

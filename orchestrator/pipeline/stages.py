@@ -391,6 +391,11 @@ def train_stages(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, valid: 
     return [StageOut(st.key, st.dir, cached) for st, cached, _ in opened]
 
 
+def stage_summary(out: StageOut) -> dict[str, Any]:
+    """What the stage recorded when it finished (its `_SUCCESS.json`)."""
+    return dict(json.loads((out.dir / "_SUCCESS.json").read_text()))
+
+
 def stage_metrics(out: StageOut) -> dict[str, Any]:
     return dict(json.loads((out.dir / "_SUCCESS.json").read_text()).get("metrics", {}))
 
