@@ -32,6 +32,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_util import in_child  # noqa: E402
 
 from orchestrator.method.partition import partition_global, positive_count  # noqa: E402
 
@@ -97,14 +98,7 @@ def _paper_child(n: int, rho: float, out: mp.Queue) -> None:
 
 def measure_paper(n: int, rho: float) -> dict:
     """The paper's sort on n tokens in a fresh process (its own peak RSS)."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_paper_child, args=(n, rho, q))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        raise SystemExit(f"paper sort on {n:,} tokens failed (exit code {proc.exitcode})")
-    return q.get()
+    return in_child(_paper_child, n, rho, what=f"paper sort on {n:,} tokens")
 
 
 def traced_peak(fn, *args) -> int:

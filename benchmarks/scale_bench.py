@@ -27,7 +27,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,6 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_util import PeakRss, in_child  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -99,31 +100,6 @@ def start_ray(num_cpus: int, tries: int = 4) -> None:
             time.sleep(5)
 
 
-class PeakRss:
-    """Peak RSS of this process inside `with`, sampled every 10 ms."""
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakRss:
-        self.start = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-
 def _score_child(args: dict, out: mp.Queue) -> None:
     import ray
 
@@ -152,17 +128,6 @@ def _partition_child(args: dict, out: mp.Queue) -> None:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out.put({"seconds": seconds, "peak": peak, "start": start})
-
-
-def _in_child(fn, args: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=fn, args=(args, q))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        raise SystemExit(f"{fn.__name__} failed (exit code {proc.exitcode})")
-    return q.get()
 
 
 def _parse(text: str) -> int:
@@ -199,8 +164,8 @@ def main() -> None:
                     "stage_module": a.stage_module}
             tokens = int(pq.read_table(args["tokens"], columns=["num_tokens"])["num_tokens"]
                          .to_numpy().sum())
-            s = _in_child(_score_child, args)
-            p = _in_child(_partition_child, args)
+            s = in_child(_score_child, args)
+            p = in_child(_partition_child, args)
             peaks.append(s["peak"])
             mib = 2**20
             print(f"{n:>9,} {tokens:>11,} {s['seconds']:>8.1f} {s['peak'] / mib:>16.0f} "

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_util import PeakRss  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -81,35 +82,22 @@ class PeakMemory:
     def __init__(self, device: str) -> None:
         self.device, self.peak = device, 0
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     def __enter__(self) -> PeakMemory:
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            self.base, self.stop = self._rss(), threading.Event()
-            self.top = self.base
-            self.thread = threading.Thread(target=self._poll, daemon=True)
-            self.thread.start()
+            self.rss = PeakRss(interval=0.005).__enter__()
         return self
-
-    def _poll(self) -> None:
-        while not self.stop.wait(0.005):
-            self.top = max(self.top, self._rss())
 
     def __exit__(self, *exc) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
         else:
-            self.stop.set()
-            self.thread.join()
-            self.peak = max(self.top, self._rss()) - self.base
+            self.rss.__exit__(*exc)
+            self.peak = self.rss.peak - self.rss.start
 
 
 @torch.inference_mode()

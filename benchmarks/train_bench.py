@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_util import in_child  # noqa: E402
 
 SHAPES = {
     # hidden, layers, heads, kv heads, ffn, vocab, tied
@@ -193,19 +194,12 @@ def main() -> None:
     if a.deepspeed and not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print("config", json.dumps(args))
-    ctx = mp.get_context("spawn")  # a fresh process per mode: its own peak memory
     modes = ("hf_sft", "lethe_sft", "forget")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for r in range(a.rounds):
+    for r in range(a.rounds):  # a fresh process per mode: its own peak memory
         # Rotate the order each round: a slow period of the shared machine hits every mode.
         for mode in modes[r % 3:] + modes[: r % 3]:
-            q = ctx.Queue()
-            proc = ctx.Process(target=run_mode, args=(mode, args, q))
-            proc.start()
-            proc.join()
-            if proc.exitcode != 0:
-                raise SystemExit(f"{mode} step failed (exit code {proc.exitcode})")
-            runs[mode].append(q.get())
+            runs[mode].append(in_child(run_mode, mode, args, what=f"{mode} step"))
     for mode in modes:
         tps = sorted(x["tokens_per_s"] for x in runs[mode])
         best = max(runs[mode], key=lambda x: x["tokens_per_s"])
