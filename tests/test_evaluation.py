@@ -150,16 +150,18 @@ class ScriptedLM:
                 super().__init__()
                 self.contexts: list[str] = []
 
-            def _question(self, context: str) -> str:
-                return context.rsplit("<|user|>\n", 1)[1].split("\n<|assistant|>\n")[0]
+            def _row(self, req, rows: list[dict]) -> dict:
+                """The task row a request asks about (its context recorded)."""
+                context = req.args[0]
+                self.contexts.append(context)
+                question = context.rsplit("<|user|>\n", 1)[1].split("\n<|assistant|>\n")[0]
+                return next(r for r in rows if r["question"] == question)
 
             def loglikelihood(self, requests):
                 out = []
                 for req in requests:
-                    context, continuation = req.args
-                    self.contexts.append(context)
-                    row = next(r for r in MC_ROWS if r["question"] == self._question(context))
-                    gold = row["choices"][row["gold"]] == continuation
+                    row = self._row(req, MC_ROWS)
+                    gold = row["choices"][row["gold"]] == req.args[1]
                     out.append((0.0 if gold else -5.0, gold))
                 return out
 
@@ -169,9 +171,7 @@ class ScriptedLM:
             def generate_until(self, requests):
                 out = []
                 for req in requests:
-                    context, _ = req.args
-                    self.contexts.append(context)
-                    row = next(r for r in GEN_ROWS if r["question"] == self._question(context))
+                    row = self._row(req, GEN_ROWS)
                     final = row["answer"].split("The answer is")[-1].strip().rstrip(".")
                     final = "no idea" if wrong else final
                     out.append(f"Thinking it over. The answer is {final}.")
