@@ -80,3 +80,36 @@ def test_malformed_override_and_bad_index():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_every_config_field_has_a_docstring():
+    from pydantic import BaseModel
+
+    from orchestrator.config import ExperimentConfig
+
+    seen, todo, missing = set(), [ExperimentConfig], []
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for name, field in cls.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{cls.__name__}.{name}")
+            for arg in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                inner = (arg, *getattr(arg, "__args__", ()))
+                todo += [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+    assert len(seen) >= 14 and not missing, missing
+
+
+def test_names_are_declared_once():
+    from typing import get_args
+
+    from orchestrator.cli import STAGES
+    from orchestrator.config import LambdaConfig, TrainConfig
+    from orchestrator.names import METHODS, SCHEDULES, Until
+    from orchestrator.training.job import METHODS as JOB_METHODS
+
+    assert STAGES == get_args(Until) and JOB_METHODS is METHODS
+    assert TrainConfig().methods == list(METHODS)
+    assert get_args(LambdaConfig.model_fields["schedule"].annotation) == SCHEDULES

@@ -22,7 +22,7 @@ from orchestrator.tracking import (
     open_run,
     resolve_tracking_uri,
 )
-from orchestrator.tracking.tracker import PARAM_VALUE_MAX, TRUNCATION_MARKER, param_value
+from orchestrator.tracking.target import PARAM_VALUE_MAX, TRUNCATION_MARKER, param_value
 
 SECRET = "hf_SuperSecretValue_12345"
 
@@ -125,9 +125,11 @@ def test_tracker_logs_parent_children_params_tags_metrics_artifacts(sqlite_track
     with tracker.child("m0/forget/s1", tags) as run:
         run.log_metrics({"train/loss": 1.5, "bad": float("nan")}, step=3)
         run.log_eval_metrics({"lethe_synth_mc": {"acc": 0.75}})
+        histogram = run_dir / "histogram.png"  # drawn once, by the partition stage
+        histogram.write_bytes(b"\x89PNG\r\n\x1a\n")
         run.log_partition_stats({"n_tokens": 10, "threshold": 0.1,
                                  "histogram": {"edges": [0, 1, 2], "positive": [3, 4],
-                                               "negative": [2, 1]}})
+                                               "negative": [2, 1]}}, histogram=histogram)
         run.log_dict({"k": [1, 2]}, "extra/info.json")
         target = run.target
     with pytest.raises(RuntimeError):
@@ -161,7 +163,7 @@ def test_tracker_logs_parent_children_params_tags_metrics_artifacts(sqlite_track
     assert (art / cfg.name).exists() is False  # experiment folders are ids, not names
     files = {p.as_posix().split("/artifacts/", 1)[1] for p in art.rglob("*") if p.is_file()}
     assert {"config.json", "extra/info.json", "partition/partition_stats.json",
-            "partition/score_histogram.png"} <= files
+            "partition/histogram.png"} <= files
     assert not Path("mlruns").exists()
 
     # A worker (here: this process) logs into the run through its JSON target.

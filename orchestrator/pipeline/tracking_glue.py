@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ExperimentConfig, ModelSpec
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import RunLabel, Tracker
 from orchestrator.tracking.resilient import SPOOL_DIRNAME
+from orchestrator.tracking.target import NO_SEED
 
 INSPECT_SAMPLES = 3  # inspector pages logged per model (noisy samples first)
 _STAGE_RUNS = ("partition", "reference")  # per-model stage runs, kept out of `compare`
@@ -52,7 +54,7 @@ class PipelineTracking:
     def start(self, cfg: ExperimentConfig, config_path: Path | None, run_name: str | None = None) -> None:
         name = run_name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
         self.parent = self.tracker.start_parent(name, cfg)
-        if config_path is not None and self.enabled:  # as masked text, like every artifact
+        if config_path is not None:  # as masked text, like every artifact (no-op: disabled)
             self.parent.log_text(Path(config_path).read_text(), Path(config_path).name)
 
     def attach_parent(self, run_id: str | None) -> None:
@@ -84,8 +86,8 @@ class PipelineTracking:
         key = (spec.name, method, str(seed), *sorted(f"{k}={v}" for k, v in (extra_tags or {}).items()))
         with self._lock:
             if key not in self._children:
-                suffix = "" if method in ("base", *_STAGE_RUNS) else f"/s{seed}"
-                name = f"{spec.name}/{method}{suffix}"
+                seedless = method in ("base", *_STAGE_RUNS)
+                name = RunLabel(spec.name, method, NO_SEED if seedless else seed).run_name
                 if extra_tags and "trial_id" in extra_tags:
                     name = f"{name}/{extra_tags['trial_id']}"
                 tags = self._tags(spec, method, seed)
@@ -97,17 +99,13 @@ class PipelineTracking:
 
     def target(self, spec: ModelSpec, method: str, seed: Any,
                extra_tags: dict[str, Any] | None = None) -> Any:
-        """Where a training run's rank 0 logs its curves (None when tracking is off)."""
-        if not self.enabled:
-            return None
-        from orchestrator.training import MlflowTarget
-
+        """Where a training run's rank 0 logs its curves (None when tracking is off: a
+        NullRun has no target, and the worker then logs into a NullRun too)."""
         run = self.child(spec, method, seed, extra_tags)
-        return MlflowTarget(tracking_uri=self.tracker.uri, experiment=self.tracker.experiment,
-                            parent_run_id=self.parent.run_id if self.parent else None,
-                            run_id=run.run_id, run_name=run.target.run_name,
-                            tags=dict(run.target.tags),
-                            spool_dir=str(self.root / SPOOL_DIRNAME))
+        if run.target is None:
+            return None
+        return replace(run.target, parent_run_id=self.parent.run_id if self.parent else None,
+                       tags=dict(run.target.tags), spool_dir=str(self.root / SPOOL_DIRNAME))
 
     # ------------------------------------------------------------------ stage results
 
@@ -131,14 +129,13 @@ class PipelineTracking:
                       scores_dir: Path | None = None, tokenizer_dir: str | None = None) -> None:
         if not self.enabled or self.mlflow_down(f"{spec.name} partition stats"):
             return
-        run = self.child(spec, "partition", "-")
-        run.log_partition_stats(report)
+        run = self.child(spec, "partition", NO_SEED)
+        run.log_partition_stats(report, histogram=stage_dir / "histogram.png")
         by_kind = report.get("noise_by_kind") or {}  # recall / AUROC per noise kind
         run.log_metrics({f"partition/noise_kind/{kind}/{k}": v
                          for kind, stats in by_kind.items() for k, v in stats.items()})
-        for name in ("histogram.png", "report.json"):
-            if (stage_dir / name).is_file():
-                run.log_artifact(stage_dir / name, "partition")
+        if (stage_dir / "report.json").is_file():
+            run.log_artifact(stage_dir / "report.json", "partition")
         if scores_dir is not None and tokenizer_dir is not None:
             self._log_inspector_pages(run, stage_dir / "partitioned.parquet", scores_dir, tokenizer_dir)
 
@@ -158,24 +155,24 @@ class PipelineTracking:
 
     def log_eval(self, results: dict[str, dict[str, Any]], dirs: dict[str, Path],
                  extra_tags: dict[str, Any] | None = None) -> None:
-        if not self.enabled or self.mlflow_down("evaluation metrics"):
+        if self.mlflow_down("evaluation metrics"):
             return
         specs = {m.name: m for m in self.cfg.models}
-        for label, metrics in results.items():
-            name, method, seed = label.split("/")
-            run = self.child(specs[name], method, seed.lstrip("s"), extra_tags)
+        for text, metrics in results.items():
+            label = RunLabel.parse(text)
+            run = self.child(specs[label.model], label.method, label.seed, extra_tags)
             run.log_eval_metrics(metrics)
             if self.cfg.evaluate.benchmarks:  # the paper's headline per run, beside its tasks
                 from orchestrator.evaluation.benchmarks import benchmark_scores, flatten_metrics
 
                 head = benchmark_scores(flatten_metrics(metrics), self.cfg.evaluate.benchmarks)
                 run.log_metrics({f"headline/{k}": v for k, v in head.items()})
-            if (dirs[label] / "eval_results.json").is_file():
-                run.log_artifact(dirs[label] / "eval_results.json", "eval")
+            if (dirs[text] / "eval_results.json").is_file():
+                run.log_artifact(dirs[text] / "eval_results.json", "eval")
 
     def log_train_metrics(self, spec: ModelSpec, method: str, seed: Any,
                           metrics: dict[str, Any]) -> None:
-        if self.enabled and not self.mlflow_down(f"{spec.name}/{method} final metrics"):
+        if not self.mlflow_down(f"{spec.name}/{method} final metrics"):
             self.child(spec, method, seed).log_metrics({f"final/{k}": v for k, v in metrics.items()})
 
     def finish_children(self) -> None:

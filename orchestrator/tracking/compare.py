@@ -22,7 +22,8 @@ import pandas as pd
 from orchestrator.evaluation.benchmarks import AVERAGE, benchmark_scores
 from orchestrator.tracking.compare_plots import bar_charts, effect_chart
 from orchestrator.tracking.effect import CONFIDENCE, PAIRS, PairedEffect, family_effects
-from orchestrator.tracking.tracker import KIND_TAG, PARENT_TAG, RunLogger, TrackingTarget
+from orchestrator.tracking.target import TrackingTarget
+from orchestrator.tracking.tracker import KIND_TAG, PARENT_TAG, RunLogger
 
 EVAL_PREFIX = "metrics.eval/"
 PARTITION_PREFIX = "metrics.partition/"
@@ -451,8 +452,3 @@ def _log_compare(tracking_uri: str, experiment: str, parent: str | None,
     logger.log_metrics(metrics)
     if created:
         logger.end()
-
-
-def compare_summary(table: pd.DataFrame) -> dict[str, Any]:
-    """The table as JSON-ready rows (for logging with `log_dict`)."""
-    return {f"{fam}/{method}": row.to_dict() for (fam, method), row in table.iterrows()}

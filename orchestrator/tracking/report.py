@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator.cache import atomic_write_text
 from orchestrator.config import ExperimentConfig
 from orchestrator.tracking.report_data import ReportData, collect, run_root
 from orchestrator.tracking.report_plots import (
@@ -256,14 +257,12 @@ def write_report(cfg: ExperimentConfig, out: str | Path | None = None, *,
     runs/<name>/report.html. Logged as `report/report.html` on the parent run."""
     data = collect(cfg, parent_run_id)
     path = Path(out) if out is not None else run_root(cfg) / REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(data, cfg), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, render(data, cfg))
     if log_to_mlflow and data.tracking_uri and data.parent_run_id:
         from mlflow.tracking import MlflowClient
 
-        from orchestrator.tracking.tracker import RunLogger, TrackingTarget
+        from orchestrator.tracking.target import TrackingTarget
+        from orchestrator.tracking.tracker import RunLogger
 
         logger = RunLogger(MlflowClient(tracking_uri=data.tracking_uri),
                            TrackingTarget(data.tracking_uri, data.experiment, data.parent_run_id))

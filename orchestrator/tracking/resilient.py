@@ -27,13 +27,18 @@ from typing import Any
 
 from orchestrator.cache import atomic_write_text
 from orchestrator.masking import mask_secrets
+from orchestrator.tracking.target import (
+    METRICS_PER_BATCH,
+    PARAMS_PER_BATCH,
+    loggable_metrics,
+    param_items,
+)
 from orchestrator.tracking.uri import TrackingError, check_reachable, is_remote
 
 SPOOL_DIRNAME = "mlflow_pending"
 PLACEHOLDER = "pending-"
 _MAX_BACKOFF_S = 30.0
-_METRICS_PER_BATCH = 1000
-_PARAMS_PER_BATCH = 100
+DEFAULT_FLUSH_TIMEOUT_S = 30.0  # how long close() waits for buffered operations
 # REST errors that retrying cannot fix: the operation goes to the spool file at once.
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
                     "RESOURCE_ALREADY_EXISTS", "INVALID_STATE", "PERMISSION_DENIED",
@@ -63,12 +68,12 @@ def _send(client: Any, op: dict[str, Any], run_ids: dict[str, str]) -> None:
         raise TrackingError(f"run {run_id} was never created")
     if kind == "metrics":
         items = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op["metrics"]]
-        for i in range(0, len(items), _METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=items[i: i + _METRICS_PER_BATCH])
+        for i in range(0, len(items), METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=items[i: i + METRICS_PER_BATCH])
     elif kind == "params":
         items = [Param(k, v) for k, v in op["params"]]
-        for i in range(0, len(items), _PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=items[i: i + _PARAMS_PER_BATCH])
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=items[i: i + PARAMS_PER_BATCH])
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"]])
     elif kind == "status":
@@ -86,7 +91,8 @@ class ResilientRun:
     def __init__(self, tracking_uri: str, *, run_id: str | None = None,
                  create: dict[str, Any] | None = None, spool_dir: str | Path | None = None,
                  label: str = "run", client: Any = None, probe_timeout: float = 2.0,
-                 first_backoff: float = 1.0) -> None:
+                 first_backoff: float = 1.0,
+                 flush_timeout: float = DEFAULT_FLUSH_TIMEOUT_S) -> None:
         if (run_id is None) == (create is None):
             raise ValueError("ResilientRun: give exactly one of run_id or create")
         if client is None:
@@ -98,6 +104,7 @@ class ResilientRun:
         self.label = label
         self.probe_timeout = probe_timeout
         self.first_backoff = first_backoff
+        self.flush_timeout = flush_timeout
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.spool_file: Path | None = None
         self.run_ids: dict[str, str] = {}
@@ -136,14 +143,16 @@ class ResilientRun:
             self._queue.append(op)
             self._cv.notify()
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Finite numbers only, under MLflow-safe keys (as the driver's RunLogger logs)."""
         now = int(time.time() * 1000)
-        items = [[k, float(v), now, int(step)] for k, v in metrics.items()]
+        items = [[k, v, now, int(step)] for k, v in loggable_metrics(metrics).items()]
         if items:
             self._put({"op": "metrics", "run_id": self._ref, "metrics": items})
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [[k, mask_secrets(str(v))[:6000]] for k, v in sorted(params.items())]
+        """Masked and capped as the driver's RunLogger logs them (tracking.target)."""
+        items = [list(kv) for kv in param_items(params)]
         if items:
             self._put({"op": "params", "run_id": self._ref, "params": items})
 
@@ -151,12 +160,13 @@ class ResilientRun:
         end = None if status == "RUNNING" else int(time.time() * 1000)
         self._put({"op": "status", "run_id": self._ref, "status": status, "end_time": end})
 
-    def close(self, status: str | None = "FINISHED", timeout: float = 30.0) -> bool:
-        """Queue the final status, wait up to `timeout` s for everything to be sent. True when
-        all reached MLflow; otherwise the rest is in the spool file (one warning says so)."""
+    def close(self, status: str | None = "FINISHED", timeout: float | None = None) -> bool:
+        """Queue the final status, wait up to `timeout` s (default: `flush_timeout`) for
+        everything to be sent. True when all reached MLflow; otherwise the rest is in the
+        spool file (one warning says so)."""
         if status is not None:
             self.set_status(status)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
         with self._cv:
             while (self._queue or self._inflight) and self._thread.is_alive():
                 left = deadline - time.monotonic()

@@ -10,29 +10,31 @@ inside a worker can call `mlflow.log_metric` directly.
 from __future__ import annotations
 
 import json
-import math
-import re
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orchestrator
 from orchestrator import masking
 from orchestrator.config import ExperimentConfig
+from orchestrator.tracking.target import (
+    METRICS_PER_BATCH,
+    PARAMS_PER_BATCH,
+    NullRun,
+    TrackingTarget,
+    flatten_config,
+    loggable_metrics,
+    param_items,
+)
 from orchestrator.tracking.uri import (
     check_reachable,
     local_artifact_location,
     resolve_tracking_uri,
 )
 
-PARAM_VALUE_MAX = 500
-TRUNCATION_MARKER = "...[truncated]"
-PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
 # Tags every (family, method, seed) run carries, so runs can be filtered and grouped.
 RUN_TAG_KEYS = ("family", "method", "rho", "lambda_max", "lambda_schedule", "negative_term", "seed")
 KIND_TAG = "lethe.kind"
@@ -42,49 +44,9 @@ PARENT_TAG = "mlflow.parentRunId"
 # ui.runs_view_url sets.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-_METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1e-4}, "models": [{"name": "a"}]} -> {"train.lr": 1e-4, "models.0.name": "a"}.
-
-    Lists of scalars stay one value (JSON text); lists of mappings are indexed.
-    """
-    out: dict[str, Any] = {}
-    if isinstance(data, dict):
-        if not data and prefix:
-            out[prefix] = "{}"
-        for key, value in data.items():
-            out.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
-    elif isinstance(data, list) and any(isinstance(v, (dict, list)) for v in data):
-        for i, value in enumerate(data):
-            out.update(flatten_config(value, f"{prefix}.{i}"))
-    elif isinstance(data, list):
-        out[prefix] = json.dumps(data)
-    else:
-        out[prefix] = data
-    return out
-
-
-def secret_env_values(min_len: int = 6) -> set[str]:
-    """Values of environment variables named like credentials (orchestrator.masking's rule)."""
-    return masking.secret_env_values(min_len)
-
-
-def param_value(value: Any, secrets: set[str] | None = None) -> str:
-    """MLflow param text: secrets masked (orchestrator.masking, plus `secrets`), at most
-    PARAM_VALUE_MAX chars with a visible marker."""
-    text = masking.mask_secrets("None" if value is None else str(value), secrets)
-    if len(text) > PARAM_VALUE_MAX:
-        text = text[: PARAM_VALUE_MAX - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
-    return text
-
-
-def metric_key(key: str) -> str:
-    return _METRIC_KEY_BAD.sub("_", key)
 
 
 def git_commit(repo_dir: str | Path | None = None) -> str | None:
@@ -95,37 +57,6 @@ def git_commit(repo_dir: str | Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _numeric(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-# ----------------------------------------------------------------------------- targets
-
-
-@dataclass
-class TrackingTarget:
-    """Everything a Ray worker needs to log into an existing run (JSON round-trip safe)."""
-
-    tracking_uri: str
-    experiment: str
-    run_id: str
-    run_name: str = ""
-    parent_run_id: str | None = None
-    experiment_id: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrackingTarget:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
 
 
 class RunLogger:
@@ -140,18 +71,17 @@ class RunLogger:
         return self.target.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        secrets = secret_env_values()
         from mlflow.entities import Param
 
-        items = [Param(k, param_value(v, secrets)) for k, v in sorted(params.items())]
+        items = [Param(k, v) for k, v in param_items(params)]
         for i in range(0, len(items), PARAMS_PER_BATCH):  # MLflow rejects > 100 per batch
             self.client.log_batch(self.run_id, params=items[i: i + PARAMS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        secrets = secret_env_values()
-        items = [RunTag(k, param_value(v, secrets)) for k, v in tags.items() if v is not None]
+        items = [RunTag(k, v) for k, v in param_items({k: v for k, v in tags.items()
+                                                       if v is not None})]
         for i in range(0, len(items), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[i: i + PARAMS_PER_BATCH])
 
@@ -160,8 +90,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(metric_key(k), v, now, step or 0)
-                 for k, raw in metrics.items() if (v := _numeric(raw)) is not None]
+        items = [Metric(k, v, now, step or 0) for k, v in loggable_metrics(metrics).items()]
         for i in range(0, len(items), METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i: i + METRICS_PER_BATCH])
 
@@ -170,14 +99,14 @@ class RunLogger:
         self.log_metrics({f"{prefix}/{task}/{metric}": value
                           for task, metrics in results.items() for metric, value in metrics.items()})
 
-    def log_partition_stats(self, stats: dict[str, Any], prefix: str = "partition") -> None:
-        """Scalars as metrics `partition/<key>`, the whole report as JSON, the score
-        histogram (when present) as a PNG."""
+    def log_partition_stats(self, stats: dict[str, Any], prefix: str = "partition",
+                            histogram: str | Path | None = None) -> None:
+        """Scalars as metrics `partition/<key>`, the whole report as JSON, and the histogram
+        the partition stage drew (`histogram.png`, orchestrator/partition/plots.py)."""
         self.log_metrics({f"{prefix}/{k}": v for k, v in stats.items()})
         self.log_dict(stats, f"{prefix}/partition_stats.json")
-        hist = stats.get("histogram")
-        if isinstance(hist, dict) and hist.get("edges"):
-            self.log_figure(_histogram_figure(hist), f"{prefix}/score_histogram.png")
+        if histogram is not None and Path(histogram).is_file():
+            self.log_artifact(histogram, prefix)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -203,26 +132,6 @@ class RunLogger:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-
-
-def _histogram_figure(hist: dict[str, Any]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    edges = hist["edges"]
-    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=False)]
-    width = (edges[1] - edges[0]) if len(edges) > 1 else 1.0
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, colour in (("positive", "#2b8cbe"), ("negative", "#e34a33")):
-        if hist.get(name):
-            ax.bar(centers, hist[name], width=width, alpha=0.6, color=colour, label=name)
-    ax.set_xlabel("score = CE_base - CE_ref")
-    ax.set_ylabel("tokens")
-    ax.legend()
-    fig.tight_layout()
-    return fig
 
 
 # ----------------------------------------------------------------------------- trackers
@@ -315,18 +224,6 @@ class Tracker:
     def find_runs(self, filter_string: str = "") -> list[Any]:
         return self.client.search_runs([self.experiment_id], filter_string=filter_string,
                                        max_results=10000)
-
-
-class NullRun:
-    """Same methods as RunLogger, doing nothing (tracking disabled)."""
-
-    run_id = ""
-    target = None
-
-    def __getattr__(self, name: str):
-        if name.startswith(("log_", "set_", "end")):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
 
 
 class NullTracker:

@@ -13,26 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ModelSpec, TrainConfig
+from orchestrator.names import METHODS
+from orchestrator.tracking.target import TrackingTarget
 
-METHODS = ("sft", "ignore", "forget")
 CLASS_COLUMNS = ("token_class", "response_mask")
 
 
-@dataclass
-class MlflowTarget:
-    """Where rank 0 logs the training curves. The run is nested under `parent_run_id`."""
-
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str | None = None
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    # An existing run created by the driver (the pipeline's (model, method, seed) run): the
-    # curves go there, beside the evaluation metrics, instead of a new nested run.
-    run_id: str | None = None
-    # Where metrics MLflow did not take are kept for `lethe sync` (None: beside a sqlite
-    # store, else the system temp dir); see orchestrator/training/mlflow_logging.py.
-    spool_dir: str | None = None
+# Where rank 0 logs the training curves: the tracking layer's target (run_id = the driver's
+# run, else a new run nested under parent_run_id; spool_dir for `lethe sync`).
+MlflowTarget = TrackingTarget
 
 
 @dataclass
