@@ -47,3 +47,21 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def report_page(tmp_path_factory):
+    """(config, report path) of a fabricated finished run (tests/report_run.py), built once
+    for tests/test_report.py and tests/test_report_browser.py."""
+    from report_run import fabricate_run
+
+    from orchestrator.tracking.report import write_report
+
+    tmp = tmp_path_factory.mktemp("report")
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        cfg = fabricate_run(tmp)
+        return cfg, write_report(cfg)
+    finally:
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
