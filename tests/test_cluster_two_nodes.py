@@ -18,8 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,9 +26,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+from proc_tree import free_port, stop_tree
 from tiny_configs import TINY
 
 from orchestrator.pipeline.credentials import is_credential
@@ -40,12 +38,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CANARY = "canary-" + secrets.token_hex(8)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(token: str, **extra: str) -> dict[str, str]:
@@ -76,9 +68,9 @@ cli.main()
 
 def _node_ports() -> list[str]:
     """Every port a node opens, chosen free: two nodes share 127.0.0.1."""
-    return [f"--node-manager-port={_port()}", f"--object-manager-port={_port()}",
-            f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
-            f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}"]
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -87,24 +79,6 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT)
     proc.log = str(log)  # type: ignore[attr-defined]
     return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the `ray start` process and every process under it."""
-    pids = [proc.pid]
-    try:
-        pids += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if sig == signal.SIGTERM:
-            time.sleep(3)
-    proc.wait(timeout=30)
 
 
 def _get(url: str, token: str | None) -> dict:
@@ -140,11 +114,11 @@ def _start_cluster(procs: list[subprocess.Popen], temps: list[str]) -> dict:
     start, so the caller stops them whatever happens."""
     token = secrets.token_hex(24)
     env = _env(token)
-    gcs, dash_port = _port(), _port()
+    gcs, dash_port = free_port(), free_port()
     procs.append(_start(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         f"--ray-client-server-port={_port()}", *_node_ports(), "--num-cpus=2",
+         f"--ray-client-server-port={free_port()}", *_node_ports(), "--num-cpus=2",
          '--resources={"lethe_head": 1}', f"--temp-dir={temps[0]}", "--disable-usage-stats"],
         env, Path(temps[0]) / "start.log"))
     dash = f"http://127.0.0.1:{dash_port}"
@@ -178,7 +152,7 @@ def two_nodes():
             return
         finally:
             for proc in reversed(procs):
-                _stop(proc)
+                stop_tree(proc, grace=3)
             for t in temps:
                 shutil.rmtree(t, ignore_errors=True)
 

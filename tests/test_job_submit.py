@@ -10,29 +10,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+from proc_tree import free_port, stop_tree
 from tiny_configs import TINY, runs_frame
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -46,14 +38,14 @@ def _env() -> dict[str, str]:
 @pytest.fixture()
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are capped
-    dash = _free_port()
+    dash = free_port()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}",
-           f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-           f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-           f"--ray-client-server-port={_free_port()}", "--num-cpus=4", f"--temp-dir={temp_dir}",
+           f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", "--num-cpus=4", f"--temp-dir={temp_dir}",
            "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -72,23 +64,8 @@ def ray_head():
                 time.sleep(1)
         yield address
     finally:
-        # Stop exactly what this fixture started: the `ray start` process, its process
-        # group, and every descendant it spawned (raylet, GCS, dashboard, workers).
-        family = [proc.pid]
-        try:
-            family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in family:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2 if sig == signal.SIGTERM else 0)
-        proc.wait(timeout=30)
+        stop_tree(proc, grace=2)  # exactly what this fixture started, and everything under it
         shutil.rmtree(temp_dir, ignore_errors=True)
-
 
 def test_pipeline_through_ray_job_submit(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
