@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from test_partition_stage import _write as write_partition_inputs
 
 from orchestrator.config import DataConfig, PartitionConfig
 from orchestrator.partition import run_partition
@@ -158,7 +157,7 @@ def test_noise_kind_auroc_and_recall_on_a_tiny_example():
 def _kind_corpus(root: Path) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     kinds = [None, "typo", "filler", None, "wrong_value", "typo", None, "filler"] * 3
-    tok_rows, score_rows = [], []
+    rows = []
     for i, kind in enumerate(kinds):
         n = 12
         mask = np.r_[np.zeros(3, np.int8), np.ones(n - 3, np.int8)]
@@ -171,26 +170,10 @@ def _kind_corpus(root: Path) -> tuple[Path, Path]:
         ref = (base - np.where(noise == 1, drop, 1.0) + rng.normal(0, 0.2, n)).astype(np.float32)
         base[mask == 0] = np.nan
         ref[mask == 0] = np.nan
-        tok_rows.append({"sample_id": i, "input_ids": np.arange(n, dtype=np.int32),
-                         "response_mask": mask, "noise_mask": noise, "noise_kind": kind,
-                         "num_tokens": n})
-        score_rows.append({"sample_id": i, "base_loss": base, "ref_loss": ref})
-    tokens = pa.table({
-        "sample_id": pa.array([r["sample_id"] for r in tok_rows], pa.int64()),
-        "input_ids": pa.array([r["input_ids"] for r in tok_rows], pa.list_(pa.int32())),
-        "response_mask": pa.array([r["response_mask"] for r in tok_rows], pa.list_(pa.int8())),
-        "noise_mask": pa.array([r["noise_mask"] for r in tok_rows], pa.list_(pa.int8())),
-        "noise_kind": pa.array([r["noise_kind"] for r in tok_rows], pa.string()),
-        "num_tokens": pa.array([r["num_tokens"] for r in tok_rows], pa.int32()),
-    })
-    pq.write_table(tokens, root / "tokens.parquet", row_group_size=5)
-    (root / "scores").mkdir()
-    pq.write_table(pa.table({
-        "sample_id": pa.array([r["sample_id"] for r in score_rows], pa.int64()),
-        "base_loss": pa.array([r["base_loss"] for r in score_rows], pa.list_(pa.float32())),
-        "ref_loss": pa.array([r["ref_loss"] for r in score_rows], pa.list_(pa.float32())),
-    }), root / "scores" / "part-00000.parquet")
-    return root / "tokens.parquet", root / "scores"
+        rows.append({"sample_id": i, "input_ids": np.arange(n, dtype=np.int32),
+                     "response_mask": mask, "noise_mask": noise, "noise_kind": kind,
+                     "base_loss": base, "ref_loss": ref})
+    return write_partition_inputs(rows, root, score_files=1)
 
 
 def test_partition_report_has_noise_by_kind(tmp_path):
@@ -206,13 +189,8 @@ def test_partition_report_has_noise_by_kind(tmp_path):
     assert saved["noise_by_kind"] == by_kind
 
 
-@pytest.mark.ray
-def test_distributed_partition_gives_the_same_noise_by_kind(ray_local, tmp_path):
-    tokens, scores = _kind_corpus(tmp_path)
-    mem = run_partition(tokens, scores, PartitionConfig(rho=0.7), tmp_path / "mem")
-    dist = run_partition(tokens, scores, PartitionConfig(rho=0.7), tmp_path / "dist",
-                         in_memory_max_tokens=0, rows_per_block=4)
-    assert dist["path"] == "distributed" and dist["noise_by_kind"] == mem["noise_by_kind"]
+# The distributed path's noise_by_kind equals the in-memory one: tests/test_partition_stage.py
+# (test_distributed_path_equals_in_memory, on a corpus with noise kinds).
 
 
 def test_prepare_writes_a_per_sample_noise_kind(tmp_path):

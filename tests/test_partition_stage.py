@@ -24,7 +24,8 @@ from orchestrator.partition.threshold import (
 
 
 def _corpus(n_samples: int = 45, seed: int = 0) -> list[dict]:
-    """Samples with coarse (heavily tied) losses, holes in the response and a noise mask."""
+    """Samples with coarse (heavily tied) losses, holes in the response, a noise mask and a
+    per-sample noise kind."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_samples):
@@ -40,8 +41,10 @@ def _corpus(n_samples: int = 45, seed: int = 0) -> list[dict]:
         ref = ref.astype(np.float32)
         base[(mask == 0) | (np.arange(length) == 0)] = np.nan
         ref[np.isnan(base)] = np.nan
+        kind = ("typo", "filler", "wrong_value")[i % 3] if noise.any() else None
         rows.append({"sample_id": 500 - 7 * i, "input_ids": rng.integers(0, 50, length).astype(np.int32),
-                     "response_mask": mask, "noise_mask": noise, "base_loss": base, "ref_loss": ref})
+                     "response_mask": mask, "noise_mask": noise, "noise_kind": kind,
+                     "base_loss": base, "ref_loss": ref})
     return rows
 
 
@@ -51,6 +54,7 @@ def _write(rows: list[dict], root: Path, score_files: int = 3) -> tuple[Path, Pa
         "input_ids": pa.array([r["input_ids"] for r in rows], pa.list_(pa.int32())),
         "response_mask": pa.array([r["response_mask"] for r in rows], pa.list_(pa.int8())),
         "noise_mask": pa.array([r["noise_mask"] for r in rows], pa.list_(pa.int8())),
+        "noise_kind": pa.array([r["noise_kind"] for r in rows], pa.string()),
         "num_tokens": pa.array([len(r["input_ids"]) for r in rows], pa.int32()),
     })
     tokens_path = root / "tokens.parquet"
@@ -201,8 +205,9 @@ def test_distributed_path_equals_in_memory(ray_local, tmp_path, rows, mode):
         np.testing.assert_array_equal(_classes_by_sample(tmp_path / "dist" / OUTPUT_FILE)[sid],
                                       classes, err_msg=f"sample {sid}")
     for key in ("n_tokens", "n_positive", "n_negative", "threshold", "auroc", "precision",
-                "recall", "n_samples", "histogram"):
+                "recall", "n_samples", "histogram", "noise_by_kind"):
         assert dist[key] == mem[key], key
+    assert list(mem["noise_by_kind"]) == ["filler", "typo", "wrong_value"]
     flat, offsets, _ = _flat(rows)
     want = partition_global(flat, 0.7) if mode == "global" else partition_per_sample(flat, offsets, 0.7)
     assert mem["n_positive"] == int((want == 1).sum())
