@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -77,6 +79,47 @@ def load_model(
         **extra,
     )
     return model.to(device)
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_revision(repo_id: str, revision: str | None = None, *,
+                     cache_dir: str | Path | None = None) -> str | None:
+    """The commit a hub model id resolves to now (`revision`: a branch, tag or commit; None =
+    the default branch), so a run can record exactly which weights it used.
+
+    A 40-hex commit is returned as it is. Otherwise the local Hugging Face cache is asked
+    first (the snapshot folder of `config.json` is named by its commit: works offline); then,
+    unless HF_HUB_OFFLINE is set, the hub. None when neither knows the id (a local folder is
+    not a hub id: its content is fingerprinted instead).
+    """
+    if _COMMIT.match(revision or ""):
+        return revision
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir,
+                                        revision=revision)
+    except ValueError:  # not a valid repo id
+        return None
+    if isinstance(cached, str):
+        commit = Path(cached).parent.name
+        if _COMMIT.match(commit):
+            return commit
+    if _hub_offline():
+        return None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return HfApi().model_info(repo_id, revision=revision).sha
+    except (HfHubHTTPError, OSError, ValueError):
+        return None
 
 
 def check_device(device: str | torch.device) -> None:

@@ -144,7 +144,12 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
         st, cached = _open(cfg, "base", {"spec": spec.model_dump(mode="json"), "ident": ident})
         if not cached:
             (st.dir / "model_path.txt").write_text(spec.pretrained)
-            st.mark_done({"model_path": spec.pretrained})
+            summary = {"model_path": spec.pretrained}
+            if not p.exists():  # a hub id: the commit it resolves to on first use
+                from orchestrator.models.loading import resolve_revision
+
+                summary["revision"] = resolve_revision(spec.pretrained, spec.revision)
+            st.mark_done(summary)
         return StageOut(st.key, st.dir, True)
     if spec.gguf is not None:
         # De-quantized once, keyed by the file's content: downstream reads a plain HF folder.

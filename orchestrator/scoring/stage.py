@@ -22,11 +22,8 @@ Output: `out_dir/part-*.parquet` with `sample_id` (int64), `base_loss`, `ref_los
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -35,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.cache import SUCCESS
+from orchestrator.cache import SUCCESS, atomic_path, atomic_write_json, clean_stale_temps
 from orchestrator.config import ScoringConfig
 from orchestrator.scoring.blocks import (
     DIRECT_READ_MAX_EXTRA_BYTES,
@@ -85,25 +82,11 @@ def _list_column(rows: list[np.ndarray]) -> pa.Array:
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file so that readers see all of it or nothing, even after a crash.
-
-    The temp name is unique (two writers never share it) and starts with "_" (dataset
-    readers skip it); the data is fsynced before the rename and the folder after it.
-    """
-    path = Path(path)
-    tmp = path.with_name(f"_{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    """Write a Parquet file so that readers see all of it or nothing, even after a crash
+    (`cache.atomic_path`: a unique temp name starting with "_", which dataset readers skip,
+    fsynced, renamed, the folder fsynced; a failed write leaves no temp file)."""
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlockScorer:
@@ -147,6 +130,16 @@ class BlockScorer:
         return {"block": spec.block, "rows": table.num_rows, "real_tokens": real,
                 "computed_tokens": computed, "scored_tokens": scored, "read_s": t1 - t0,
                 "score_s": t2 - t1, "write_s": time.perf_counter() - t2}
+
+
+def scheduling_strategy(cfg: ScoringConfig) -> str:
+    """Where Ray puts the scoring actors: SPREAD by default (one per node while nodes last:
+    each node's memory bandwidth and GPUs serve one actor, and a lost node loses only its
+    blocks); `scoring.scheduling_strategy: DEFAULT` packs them where Ray prefers."""
+    value = getattr(cfg, "scheduling_strategy", None) or "SPREAD"
+    if value not in ("SPREAD", "DEFAULT"):
+        raise ValueError(f"scoring.scheduling_strategy must be SPREAD or DEFAULT, got {value!r}")
+    return value
 
 
 def _scorer_kwargs(base_path: str, ref_path: str, cfg: ScoringConfig, trust_remote_code: bool,
@@ -227,8 +220,7 @@ def run_scoring(
         print(f"scoring: {out_dir} is complete ({SUCCESS} present); skipping")
         return out_dir
     start = time.perf_counter()
-    for stale in out_dir.glob("_part-*.tmp"):  # left by a killed writer
-        stale.unlink(missing_ok=True)
+    clean_stale_temps(out_dir)  # left by a killed writer (the caller holds the stage lock)
     layout = CorpusLayout.read(tokens_path)
     plan = BlockPlan.create(layout.sample_ids, block_rows)
     plan.reconcile(out_dir)
@@ -240,7 +232,8 @@ def run_scoring(
     if todo:
         # Actors first: their start-up and model loads overlap everything below.
         remote = ray.remote(BlockScorer).options(num_cpus=cfg.num_cpus_per_actor,
-                                                 num_gpus=cfg.num_gpus_per_actor or None)
+                                                 num_gpus=cfg.num_gpus_per_actor or None,
+                                                 scheduling_strategy=scheduling_strategy(cfg))
         kwargs = _scorer_kwargs(base_path, ref_path, cfg, trust_remote_code, attn_implementation)
         actors = [remote.remote(str(out_dir), cfg.batch_size, **kwargs)
                   for _ in range(min(cfg.num_actors, len(todo)))]
@@ -289,7 +282,5 @@ def run_scoring(
         f"{100 * summary['padding_waste']:.1f} %; blocks computed {len(done)}, skipped {skipped}; "
         f"time: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
     )
-    tmp = out_dir / (SUCCESS + ".tmp")
-    tmp.write_text(json.dumps({"stage": "score", "finished_at": time.time(), **summary}, indent=2))
-    os.replace(tmp, out_dir / SUCCESS)
+    atomic_write_json(out_dir / SUCCESS, {"stage": "score", "finished_at": time.time(), **summary})
     return out_dir
