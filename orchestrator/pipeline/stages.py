@@ -57,12 +57,13 @@ def _open(cfg: ExperimentConfig, name: str, inputs: dict[str, Any]) -> tuple[Sta
     return st, cached
 
 
-def _train_into(st: Stage, **job_fields: Any) -> None:
-    """Run one Ray Train job whose checkpoints and export live in the stage's folder."""
+def _train_into(st: Stage, session: Any = None, **job_fields: Any) -> None:
+    """Run one training job whose checkpoints and export live in the stage's folder: in its
+    own Ray Train run, or fed to the family's running `session` (training/session.py)."""
     from orchestrator.training import TrainJob, run_training
 
     job = TrainJob(output_dir=str(st.dir / "run"), storage_path=str(st.dir / "ray"), **job_fields)
-    result = run_training(job)
+    result = session.train([job])[0] if session is not None else run_training(job)
     st.mark_done({"model_path": result.export_dir, "metrics": result.metrics})
 
 
@@ -240,7 +241,8 @@ def _deepspeed_ident(path: str) -> Any:
 
 
 def reference_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, tokens: StageOut,
-                    valid: StageOut | None, mlflow_target: Any = None) -> StageOut:
+                    valid: StageOut | None, mlflow_target: Any = None,
+                    session: Any = None) -> StageOut:
     """The reference model: the base after plain SFT on a seeded random subset of the pool."""
     from orchestrator.training import SubsetSpec
 
@@ -273,7 +275,7 @@ def reference_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, toke
                                  f"{n_clean} clean of {n_pool}; lower reference.subset_fraction")
             subset = SubsetSpec(size=size, seed=ref.seed)
         _train_into(
-            st, train_path=train_path, base_model_path=model_path(base),
+            st, session, train_path=train_path, base_model_path=model_path(base),
             model=spec, train=train, method="sft", class_column="response_mask",
             run_name=f"reference-{st.key}", subset=subset,
             validation_path=str(valid.dir / "tokens.parquet") if valid else None,
@@ -351,10 +353,11 @@ def train_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, data: St
 
 
 def train_stages(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, valid: StageOut | None,
-                 requests: list[TrainRequest]) -> list[StageOut]:
+                 requests: list[TrainRequest], session: Any = None) -> list[StageOut]:
     """Fine-tune the base once per request: each request is its own cached stage, and the
     uncached ones train one after the other in ONE Ray Train run (one worker group start-up
-    for all of a family's methods x seeds)."""
+    for all of a family's methods x seeds) -- the family's `session` when one is running,
+    which its reference already used."""
     from orchestrator.cache import content_hash
     from orchestrator.training import TrainJob, run_trainings
 
@@ -382,13 +385,16 @@ def train_stages(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, valid: 
             mlflow=req.mlflow_target, callbacks=list(req.callbacks),
         ))
     if jobs:
-        if len(jobs) == 1:
-            name, storage = jobs[0].run_name, jobs[0].storage_path
-        else:  # a name of its own, stable over reruns, for the shared worker group
-            group = content_hash(sorted(j.run_name for j in jobs))
-            name = f"{spec.name}-train-group-{group}"
-            storage = str(stages_root(cfg) / "train-groups" / group)
-        results = iter(run_trainings(jobs, run_name=name, storage_path=storage))
+        if session is not None:
+            results = iter(session.train(jobs))
+        else:
+            if len(jobs) == 1:
+                name, storage = jobs[0].run_name, jobs[0].storage_path
+            else:  # a name of its own, stable over reruns, for the shared worker group
+                group = content_hash(sorted(j.run_name for j in jobs))
+                name = f"{spec.name}-train-group-{group}"
+                storage = str(stages_root(cfg) / "train-groups" / group)
+            results = iter(run_trainings(jobs, run_name=name, storage_path=storage))
         for st, cached, _ in opened:
             if not cached:
                 result = next(results)

@@ -1,0 +1,224 @@
+"""A training session: one Ray Train run that stays up while a model family's pipeline feeds
+it jobs (the reference first, then, once scoring and the partition are done, the
+method x seed jobs).
+
+Why: on a small machine a Ray Train run's start-up (controller, worker processes, importing
+torch / DeepSpeed, the process group) costs 20-60 s, several times the training compute of a
+tiny model. `run_trainings` already shares one run among a stage's jobs; a session also
+shares it between the reference stage and the training stage, and can be started before the
+jobs exist (`prestart`), so the start-up overlaps the base model's build instead of
+following it.
+
+How: the run's workers read jobs from a `JobFeed` actor by index (`feed.get(i)`), so every
+rank sees the same sequence, and a worker group restarted after a failure (max_failures)
+replays it from index 0, skipping the jobs whose export is complete and resuming the
+interrupted one from its checkpoint, as in a fixed-list run. The driver pushes a job and
+waits for its metrics.json (written by rank 0 after the export), or for the run to fail.
+
+Only for CPU training: a session holds its workers' resources between the training stages,
+and on GPUs those are the devices scoring needs (one GPU would deadlock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator.training.job import TrainJob, TrainResult
+
+_POLL_S = 0.2  # how often a waiting worker asks the feed, and the driver looks for results
+
+
+class JobFeed:
+    """The session's job list (a Ray actor, no CPU): append-only, read by index."""
+
+    def __init__(self) -> None:
+        self._jobs: list[dict[str, Any]] = []
+        self._closed = False
+
+    def put(self, job: dict[str, Any]) -> int:
+        if self._closed:
+            raise RuntimeError("job feed is closed")
+        self._jobs.append(job)
+        return len(self._jobs) - 1
+
+    def close(self) -> None:
+        self._closed = True
+
+    def get(self, index: int) -> tuple[str, dict[str, Any] | None]:
+        """("job", config) when job `index` exists, ("end", None) after close, else
+        ("wait", None)."""
+        if index < len(self._jobs):
+            return "job", self._jobs[index]
+        return ("end", None) if self._closed else ("wait", None)
+
+
+def feed_jobs(feed: Any) -> Iterator[dict[str, Any]]:
+    """Worker side: the feed's jobs in order, waiting for each, until the feed is closed."""
+    import ray
+
+    index = 0
+    while True:
+        kind, job = ray.get(feed.get.remote(index))
+        if kind == "end":
+            return
+        if kind == "wait":
+            time.sleep(_POLL_S)
+            continue
+        yield job  # type: ignore[misc]
+        index += 1
+
+
+class TrainingSession:
+    """One Ray Train run fed jobs over time; `train(jobs)` blocks until they are exported.
+
+    Jobs must ask for the same worker group (`run_trainings`' rule). Use as a context
+    manager, or call `close()`: it ends the run after the jobs already fed.
+    """
+
+    def __init__(self, run_name: str, storage_path: str | Path) -> None:
+        self.run_name = run_name
+        self.storage_path = str(Path(storage_path).resolve())
+        self._feed: Any = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._group: tuple | None = None
+        self._template: TrainJob | None = None
+        self.started_at: float | None = None
+        self.jobs_fed = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ driver side
+
+    def prestart(self, job_like: TrainJob) -> None:
+        """Start the run now (its worker group then waits for the first job). `job_like`
+        gives the worker-group shape; it is not trained."""
+        with self._lock:
+            self._start(job_like)
+
+    def train(self, jobs: list[TrainJob]) -> list[TrainResult]:
+        """Feed the jobs not finished yet, wait until each is exported; results in order."""
+        from orchestrator.training.stage import _collect, _planned, loop_config
+
+        pending = [j for j in jobs if not j.success_path.is_file()]
+        fed: list[tuple[int, bool]] = []  # per pending job: planned steps, first of the run
+        with self._lock:
+            for job in pending:
+                self._start(job)
+                config = loop_config(job, "ray")
+                self._feed.put.remote(config)
+                self.jobs_fed += 1
+                fed.append((_planned(job, config), self.jobs_fed == 1))
+        for job, (planned, first) in zip(pending, fed, strict=True):
+            self._wait_for(job)
+            self._annotate(job, planned, first)
+        pending_ids = {id(j) for j in pending}
+        return [_collect(j) if id(j) in pending_ids else TrainResult.load(j.success_path)
+                for j in jobs]
+
+    def close(self) -> None:
+        """End the run after the jobs fed so far; raises the run's error, if it failed."""
+        with self._lock:
+            if self._feed is not None:
+                self._feed.close.remote()
+        if self._thread is not None:
+            self._thread.join()
+        if self._feed is not None:
+            import ray
+
+            ray.kill(self._feed)
+            self._feed = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"training session {self.run_name} failed: {error}") from error
+
+    def __enter__(self) -> TrainingSession:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # already failing: end the run, keep the original error
+            try:
+                self.close()
+            except RuntimeError:
+                pass
+
+    # ---------------------------------------------------------------- internals
+
+    def _start(self, job: TrainJob) -> None:
+        from orchestrator.training.stage import _group_key
+
+        key = _group_key(job)
+        if self._group is not None:
+            if key != self._group:
+                raise ValueError(f"training session {self.run_name}: a job asks for worker "
+                                 f"group {key}, the session runs {self._group}")
+            return
+        import ray
+
+        self._group, self._template = key, job
+        self._feed = ray.remote(num_cpus=0)(JobFeed).remote()
+        self.started_at = time.time()
+        self._thread = threading.Thread(target=self._fit, name=f"session-{self.run_name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _fit(self) -> None:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from orchestrator.training.loop import train_loop_per_worker
+        from orchestrator.training.stage import placement_strategy
+
+        assert self._template is not None
+        train = self._template.train_config()
+        resources = {"CPU": train.cpus_per_worker}
+        if train.use_gpu:
+            resources["GPU"] = train.gpus_per_worker or 1.0
+        try:
+            TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"feed": self._feed},
+                scaling_config=ScalingConfig(num_workers=train.num_workers,
+                                             use_gpu=train.use_gpu,
+                                             resources_per_worker=resources,
+                                             placement_strategy=placement_strategy(train)),
+                run_config=RunConfig(
+                    name=self.run_name, storage_path=self.storage_path,
+                    failure_config=FailureConfig(max_failures=train.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                ),
+            ).fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting driver threads
+            self._error = exc
+
+    def _wait_for(self, job: TrainJob) -> None:
+        metrics = Path(job.output_dir) / "metrics.json"
+        while not metrics.is_file():
+            if self._thread is None or not self._thread.is_alive():
+                error = self._error or RuntimeError("the run ended before this job")
+                raise RuntimeError(f"training session {self.run_name}: job {job.run_name} did "
+                                   f"not finish: {error}") from self._error
+            time.sleep(_POLL_S)
+
+    def _annotate(self, job: TrainJob, planned: int, first: bool) -> None:
+        """What `run_trainings` adds to a job's metrics: the plan and the run's start-up."""
+        from orchestrator.training.export import write_json_atomic
+
+        path = Path(job.output_dir) / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics.update(planned_steps=planned, run_started_at=self.started_at,
+                       run_jobs=self.jobs_fed, run_first_job=first, run_session=self.run_name)
+        write_json_atomic(path, metrics)
+
+
+def session_name(family: str, *keys: str) -> str:
+    """A run name stable over reruns of the same inputs (a rerun resumes its checkpoints)."""
+    digest = hashlib.sha256("/".join(keys).encode()).hexdigest()[:16]
+    return f"{family}-session-{digest}"
