@@ -148,6 +148,11 @@ def path_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"name": p.name, "files": len(entries), "sha256": content_hash(entries, length=64)}
 
 
+def read_summary(stage_dir: str | Path) -> dict[str, Any]:
+    """What a finished stage recorded: its `_SUCCESS.json` (the one reader of it)."""
+    return dict(json.loads((Path(stage_dir) / SUCCESS).read_text()))
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -220,6 +225,15 @@ def atomic_write_json(path: str | Path, obj: Any, **dumps_kwargs: Any) -> None:
     dumps_kwargs.setdefault("indent", 2)
     dumps_kwargs.setdefault("default", str)
     atomic_write_text(path, json.dumps(obj, **dumps_kwargs))
+
+
+def atomic_write_parquet(table: Any, path: str | Path) -> None:
+    """A pyarrow Table written as Parquet atomically (the "_"-prefixed temp name is hidden
+    from dataset readers)."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def clean_stale_temps(directory: str | Path) -> list[Path]:
@@ -437,4 +451,4 @@ class Stage:
         self.lock.release()
 
     def summary(self) -> dict[str, Any]:
-        return json.loads((self.dir / SUCCESS).read_text())
+        return read_summary(self.dir)

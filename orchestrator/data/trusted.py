@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.cache import atomic_write_parquet
+
 
 def write_clean_rows(tokens_path: str | Path, out_path: str | Path) -> tuple[int, int]:
     """Write the rows of `tokens_path` without any noise token to `out_path`.
@@ -36,8 +38,5 @@ def write_clean_rows(tokens_path: str | Path, out_path: str | Path) -> tuple[int
     if len(keep) == 0:
         raise ValueError(f"reference.subset_source 'clean': every row of {tokens_path} "
                          "carries noise")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".parquet.tmp")
-    pq.write_table(table.take(pa.array(keep)), tmp)
-    tmp.replace(out_path)
+    atomic_write_parquet(table.take(pa.array(keep)), out_path)
     return int(len(keep)), int(table.num_rows)

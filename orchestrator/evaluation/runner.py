@@ -52,13 +52,6 @@ def single_process_env() -> Iterator[list[str]]:
         os.environ.update(hidden)
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto` means bfloat16 on a GPU, float32 on CPU (as for scoring and training)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
-
-
 def group_tasks_by_fewshot(tasks: list[str], num_fewshot: dict[str, int]) -> dict[int | None, list[str]]:
     """{shots: [tasks]}; None = the task's own default (0 when it defines none)."""
     groups: dict[int | None, list[str]] = defaultdict(list)
@@ -167,9 +160,11 @@ def load_hf_lm(model_dir: str, cfg: EvaluateConfig, device: str):
     """lm-eval's `hf` model built from a local folder, loaded once for all task groups."""
     from lm_eval.api.registry import get_model
 
+    from orchestrator.models import resolve_dtype  # one rule for `auto`, as for training
+
     model_args = {
         "pretrained": model_dir,
-        "dtype": resolve_dtype(cfg.dtype, device),
+        "dtype": str(resolve_dtype(cfg.dtype, device)).removeprefix("torch."),
         "trust_remote_code": False,
     }
     return get_model("hf").create_from_arg_obj(

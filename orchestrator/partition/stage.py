@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.cache import atomic_path, atomic_write_json, commit_temp, temp_path
+from orchestrator.cache import atomic_write_json, atomic_write_parquet, commit_temp, temp_path
 from orchestrator.config import PartitionConfig
 from orchestrator.method.partition import (
     auroc,
@@ -150,11 +150,6 @@ def _classify_batch(table: pa.Table, index: list[dict], mode: str, rho: float,
 # ------------------------------------------------------------------------------ paths
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:  # "_"-prefixed temp: hidden from dataset readers
-        pq.write_table(table, tmp)
-
-
 def _in_memory(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_path: Path,
                kind_names: list[str]):
     tokens = pq.read_table(tokens_path)
@@ -169,7 +164,7 @@ def _in_memory(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_p
         info.update(global_threshold=t, k_ties=k_ties)
     else:
         classes = partition_per_sample(rs.scores, rs.offsets, cfg.rho)
-    _write_atomic(rs.with_classes(classes), out_path)
+    atomic_write_parquet(rs.with_classes(classes), out_path)
     n_pos = int(np.count_nonzero(classes == 1))
     info.update(n_samples=len(rs.sample_ids), exact_n_tokens=int(rs.scores.size), exact_n_positive=n_pos)
     return rs.scores, classes, rs.noise, token_kind_codes(rs, kind_names), info

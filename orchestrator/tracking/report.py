@@ -183,31 +183,32 @@ def _partition(data: ReportData, cfg: ExperimentConfig) -> str:
     return "".join(out)
 
 
+def _section(anchor: str, title: str, parts: list[str], empty: str, legend: str) -> str:
+    """A section: its heading, then its legend and parts, or a note that it has none."""
+    head = f'<h2 id="{anchor}">{title}</h2>'
+    if not parts:
+        return head + f'<p class="note">{empty}</p>'
+    return head + f'<p class="legend">{legend}</p>' + "".join(parts)
+
+
 def _curves(data: ReportData) -> str:
-    out = ['<h2 id="curves">Training curves</h2>']
-    if not data.curves:
-        return out[0] + '<p class="note">no training curves recorded</p>'
-    out.append('<p class="legend">Mean CE on positive and negative tokens per report interval, '
-               'the forgetting weight λ, and the validation loss on clean held-out data; one '
-               'line per training run (reference = the SFT reference model).</p>')
-    for model in dict.fromkeys(c.model for c in data.curves):
-        out.append(_img(curves_uri(model, [c for c in data.curves if c.model == model]),
-                        f"{model} training curves"))
-    return "".join(out)
+    parts = [_img(curves_uri(model, [c for c in data.curves if c.model == model]),
+                  f"{model} training curves")
+             for model in dict.fromkeys(c.model for c in data.curves)]
+    return _section("curves", "Training curves", parts, "no training curves recorded",
+                    "Mean CE on positive and negative tokens per report interval, the forgetting "
+                    "weight λ, and the validation loss on clean held-out data; one line per "
+                    "training run (reference = the SFT reference model).")
 
 
 def _inspector(data: ReportData) -> str:
-    out = ['<h2 id="inspector">Token inspector</h2>']
-    if not data.inspector:
-        return out[0] + '<p class="note">no token-inspector samples recorded</p>'
-    out.append('<p class="legend">Response tokens coloured by score (blue: the reference learned '
-               'it, red: it got worse); + positive, − negative; ! ground-truth noise.</p>')
-    for page in data.inspector:
-        # srcdoc keeps the page's styles apart from the report's; the sandbox allows no scripts.
-        out.append(f"<h3>{_esc(page.model)}: {_esc(page.name)}</h3>"
-                   f'<iframe class="inspect" sandbox="allow-same-origin" title="{_esc(page.name)}" '
-                   f'srcdoc="{_esc(page.html)}"></iframe>')
-    return "".join(out)
+    # srcdoc keeps each page's styles apart from the report's; the sandbox allows no scripts.
+    parts = [f"<h3>{_esc(page.model)}: {_esc(page.name)}</h3>"
+             f'<iframe class="inspect" sandbox="allow-same-origin" title="{_esc(page.name)}" '
+             f'srcdoc="{_esc(page.html)}"></iframe>' for page in data.inspector]
+    return _section("inspector", "Token inspector", parts, "no token-inspector samples recorded",
+                    "Response tokens coloured by score (blue: the reference learned it, red: it "
+                    "got worse); + positive, − negative; ! ground-truth noise.")
 
 
 def _timeline(data: ReportData) -> str:
