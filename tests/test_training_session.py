@@ -58,7 +58,7 @@ def test_one_run_serves_jobs_fed_over_time_and_resumes_after_a_failure(ray_local
 
     session = TrainingSession("family-session", tmp_path / "session-run")
     with session:
-        session.prestart(ref)  # the worker group starts with no job to train yet
+        session.prestart(ref.train_config())  # the worker group starts with no job to train yet
         time.sleep(1.0)
         (r_ref,) = session.train([ref])
         assert r_ref.steps == 4 and r_ref.metrics["run_first_job"]
@@ -69,9 +69,10 @@ def test_one_run_serves_jobs_fed_over_time_and_resumes_after_a_failure(ray_local
     assert r_sft.metrics["resumed_from_step"] == 0  # not trained again after the restart
     for r in (r_ref, r_sft, r_forget):
         assert r.metrics["run_session"] == "family-session"
-        assert r.metrics["run_started_at"] == session.started_at
+        assert r.metrics["run_started_at"] >= session.started_at
         assert r.metrics["planned_steps"] == r.steps == 4
     assert not r_sft.metrics["run_first_job"]
+    assert r_ref.metrics["run_started_at"] >= session.started_at + 1.0  # fed after the sleep
     assert r_sft.metrics["timing"]["start"] >= r_ref.metrics["timing"]["end"]
 
     for job, got in ((sft, r_sft), (forget, r_forget)):

@@ -129,6 +129,30 @@ def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str,
             str(st.dir / f"valid{sampling.SELECTION_SUFFIX}"), {"sample": st.key})
 
 
+def base_inputs(cfg: ExperimentConfig, spec: ModelSpec, rows_ident: Any) -> dict[str, Any]:
+    """What names a base stage: the spec and the model's identity (a local path's content,
+    a hub id and revision, a GGUF file's content) or, for a model built from config, the
+    corpus its tokenizer is trained on and the seed."""
+    if spec.pretrained is not None:
+        p = Path(spec.pretrained)
+        ident = path_fingerprint(p) if p.exists() else {"hub": spec.pretrained, "rev": spec.revision}
+        return {"spec": spec.model_dump(mode="json"), "ident": ident}
+    if spec.gguf is not None:
+        from orchestrator.models.gguf import gguf_fingerprint
+
+        return {"spec": spec.model_dump(mode="json"), "gguf": gguf_fingerprint(spec)}
+    return {"spec": spec.model_dump(mode="json"), "corpus": rows_ident, "seed": cfg.seed}
+
+
+def base_built(cfg: ExperimentConfig, spec: ModelSpec, rows_ident: Any) -> bool:
+    """Whether the base stage is already done (looked up, not locked or built)."""
+    if spec.pretrained is not None:
+        from orchestrator.pipeline.preflight import check_pretrained_path
+
+        check_pretrained_path(spec)
+    return Stage(stages_root(cfg), "base", base_inputs(cfg, spec, rows_ident)).done()
+
+
 def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_ident: Any) -> StageOut:
     """The base model: a tiny model built from config (+ locally trained tokenizer), a GGUF
     file de-quantized into a plain HF folder, or a pretrained model used in place (then
@@ -140,13 +164,11 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
         from orchestrator.pipeline.preflight import check_pretrained_path
 
         check_pretrained_path(spec)  # a missing local path is not a hub id
-        p = Path(spec.pretrained)
-        ident = path_fingerprint(p) if p.exists() else {"hub": spec.pretrained, "rev": spec.revision}
-        st, cached = _open(cfg, "base", {"spec": spec.model_dump(mode="json"), "ident": ident})
+        st, cached = _open(cfg, "base", base_inputs(cfg, spec, rows_ident))
         if not cached:
             (st.dir / "model_path.txt").write_text(spec.pretrained)
             summary = {"model_path": spec.pretrained}
-            if not p.exists():  # a hub id: the commit it resolves to on first use
+            if not Path(spec.pretrained).exists():  # a hub id: the commit it resolves to on first use
                 from orchestrator.models.loading import resolve_revision
 
                 summary["revision"] = resolve_revision(spec.pretrained, spec.revision)
@@ -154,16 +176,12 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
         return StageOut(st.key, st.dir, True)
     if spec.gguf is not None:
         # De-quantized once, keyed by the file's content: downstream reads a plain HF folder.
-        from orchestrator.models.gguf import gguf_fingerprint
-
-        inputs = {"spec": spec.model_dump(mode="json"), "gguf": gguf_fingerprint(spec)}
-        st, cached = _open(cfg, "base", inputs)
+        st, cached = _open(cfg, "base", base_inputs(cfg, spec, rows_ident))
         if not cached:
             materialize_base(spec, [], st.dir / "model")
             st.mark_done({"model_path": str(st.dir / "model")})
         return StageOut(st.key, st.dir, cached)
-    inputs = {"spec": spec.model_dump(mode="json"), "corpus": rows_ident, "seed": cfg.seed}
-    st, cached = _open(cfg, "base", inputs)
+    st, cached = _open(cfg, "base", base_inputs(cfg, spec, rows_ident))
     if not cached:
         model_dir = st.dir / "model"
         synthetic_dir = synthetic_stage(cfg).dir if spec.warmup is not None else None

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import TrainConfig
 from orchestrator.training.job import TrainJob, TrainResult
 
 _POLL_S = 0.2  # how often a waiting worker asks the feed, and the driver looks for results
@@ -88,35 +89,35 @@ class TrainingSession:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._group: tuple | None = None
-        self._template: TrainJob | None = None
+        self._train: TrainConfig | None = None
         self.started_at: float | None = None
         self.jobs_fed = 0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ driver side
 
-    def prestart(self, job_like: TrainJob) -> None:
-        """Start the run now (its worker group then waits for the first job). `job_like`
-        gives the worker-group shape; it is not trained."""
+    def prestart(self, train: TrainConfig) -> None:
+        """Start the run now, for jobs with `train`'s worker group (its workers then wait
+        for the first job)."""
         with self._lock:
-            self._start(job_like)
+            self._start(train)
 
     def train(self, jobs: list[TrainJob]) -> list[TrainResult]:
         """Feed the jobs not finished yet, wait until each is exported; results in order."""
         from orchestrator.training.stage import _collect, _planned, loop_config
 
         pending = [j for j in jobs if not j.success_path.is_file()]
-        fed: list[tuple[int, bool]] = []  # per pending job: planned steps, first of the run
+        fed: list[tuple[int, bool, float]] = []  # per job: planned steps, first, fed at
         with self._lock:
             for job in pending:
-                self._start(job)
+                self._start(job.train_config())
                 config = loop_config(job, "ray")
                 self._feed.put.remote(config)
                 self.jobs_fed += 1
-                fed.append((_planned(job, config), self.jobs_fed == 1))
-        for job, (planned, first) in zip(pending, fed, strict=True):
+                fed.append((_planned(job, config), self.jobs_fed == 1, time.time()))
+        for job, (planned, first, fed_at) in zip(pending, fed, strict=True):
             self._wait_for(job)
-            self._annotate(job, planned, first)
+            self._annotate(job, planned, first, fed_at)
         pending_ids = {id(j) for j in pending}
         return [_collect(j) if id(j) in pending_ids else TrainResult.load(j.success_path)
                 for j in jobs]
@@ -151,10 +152,8 @@ class TrainingSession:
 
     # ---------------------------------------------------------------- internals
 
-    def _start(self, job: TrainJob) -> None:
-        from orchestrator.training.stage import _group_key
-
-        key = _group_key(job)
+    def _start(self, train: TrainConfig) -> None:
+        key = worker_group_shape(train)
         if self._group is not None:
             if key != self._group:
                 raise ValueError(f"training session {self.run_name}: a job asks for worker "
@@ -162,7 +161,7 @@ class TrainingSession:
             return
         import ray
 
-        self._group, self._template = key, job
+        self._group, self._train = key, train
         self._feed = ray.remote(num_cpus=0)(JobFeed).remote()
         self.started_at = time.time()
         self._thread = threading.Thread(target=self._fit, name=f"session-{self.run_name}",
@@ -176,8 +175,8 @@ class TrainingSession:
         from orchestrator.training.loop import train_loop_per_worker
         from orchestrator.training.stage import placement_strategy
 
-        assert self._template is not None
-        train = self._template.train_config()
+        train = self._train
+        assert train is not None
         resources = {"CPU": train.cpus_per_worker}
         if train.use_gpu:
             resources["GPU"] = train.gpus_per_worker or 1.0
@@ -207,15 +206,26 @@ class TrainingSession:
                                    f"not finish: {error}") from self._error
             time.sleep(_POLL_S)
 
-    def _annotate(self, job: TrainJob, planned: int, first: bool) -> None:
-        """What `run_trainings` adds to a job's metrics: the plan and the run's start-up."""
+    def _annotate(self, job: TrainJob, planned: int, first: bool, fed_at: float) -> None:
+        """What `run_trainings` adds to a job's metrics: the plan and the run's start-up.
+        A prestarted run's start-up counts from when its first job was fed: before that it
+        overlapped other work (the base build), which is the point of prestarting."""
         from orchestrator.training.export import write_json_atomic
 
+        assert self.started_at is not None
         path = Path(job.output_dir) / "metrics.json"
         metrics = json.loads(path.read_text())
-        metrics.update(planned_steps=planned, run_started_at=self.started_at,
+        metrics.update(planned_steps=planned, run_started_at=max(self.started_at, fed_at),
                        run_jobs=self.jobs_fed, run_first_job=first, run_session=self.run_name)
         write_json_atomic(path, metrics)
+
+
+def worker_group_shape(train: TrainConfig) -> tuple:
+    """What a job asks of its worker group (jobs of one session must agree on it)."""
+    from orchestrator.training.stage import placement_strategy
+
+    return (train.num_workers, train.use_gpu, train.cpus_per_worker, train.gpus_per_worker,
+            train.max_failures, placement_strategy(train))
 
 
 def session_name(family: str, *keys: str) -> str:
