@@ -84,3 +84,18 @@ def test_new_rho_repartitions_but_never_rescores(first_run, config_path, capsys)
     rhos = sorted(json.loads((p.parent / "inputs.json").read_text())["partition"]["rho"]
                   for p in parts)
     assert rhos == [0.5, 0.7]
+
+
+def test_inspect_reads_the_cached_chain(first_run, config_path, tmp_path):
+    """`lethe inspect` walks the same upstream chain as the run: every stage is found cached."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.pipeline.run import inspect_sample_cli
+
+    cfg = load_config(config_path)
+    stages = __import__("pathlib").Path(cfg.run_dir) / cfg.name / "stages"
+    (part,) = [p.parent for p in (stages / "partition").glob("*/_SUCCESS.json")
+               if json.loads((p.parent / "inputs.json").read_text())["partition"]["rho"] == 0.7]
+    sid = int(pq.read_table(part / "partitioned.parquet", columns=["sample_id"])[0][0].as_py())
+    text = inspect_sample_cli(cfg, "tiny-llama", sid, html_out=str(tmp_path / "s.html"))
+    assert str(sid) in text and (tmp_path / "s.html").stat().st_size > 0

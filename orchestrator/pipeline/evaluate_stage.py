@@ -14,6 +14,7 @@ from typing import Any
 from orchestrator.cache import Stage, atomic_write_json, path_fingerprint
 from orchestrator.config import ExperimentConfig
 from orchestrator.pipeline import stages as S
+from orchestrator.tracking.target import RunLabel
 
 # `benchmarks` only says how results are averaged for display: never a reason to re-evaluate.
 _EVAL_RESOURCE_FIELDS = {"num_gpus", "num_cpus", "batch_size", "enabled", "evaluate_base",
@@ -46,9 +47,9 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
     wanted: dict[str, str] = {}
     for o in outcomes:
         if cfg.evaluate.evaluate_base and o.base_model:
-            wanted[f"{o.spec.name}/base/-"] = o.base_model
+            wanted[str(RunLabel(o.spec.name, "base"))] = o.base_model
         for (method, seed), model_dir in sorted(o.models.items()):
-            wanted[f"{o.spec.name}/{method}/s{seed}"] = model_dir
+            wanted[str(RunLabel(o.spec.name, method, seed))] = model_dir
     from orchestrator.evaluation.ray_stage import EvaluationFailed
 
     try:

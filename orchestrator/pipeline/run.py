@@ -22,9 +22,11 @@ from typing import Any, TypeVar
 
 from orchestrator.config import ExperimentConfig, ModelSpec
 from orchestrator.masking import mask_secrets
+from orchestrator.names import Until
 from orchestrator.pipeline import stages as S
 from orchestrator.pipeline import timeline
 from orchestrator.pipeline.tracking_glue import PipelineTracking
+from orchestrator.pipeline.upstream import Source, source, upstream
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -116,37 +118,15 @@ def _seeds(cfg: ExperimentConfig) -> list[int]:
     return list(cfg.seeds) if cfg.seeds else [cfg.train.seed]
 
 
-def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: str | None,
-                 rows_ident: Any, until: str | None, track: PipelineTracking,
-                 slots: TrainingSlots) -> ModelOutcome:
+def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, src: Source, until: Until | None,
+                 track: PipelineTracking, slots: TrainingSlots) -> ModelOutcome:
     out = ModelOutcome(spec)
     tl, name = timeline.current(), spec.name
-    with tl.span("base", name, "startup"):
-        base = S.base_stage(cfg, spec, rows, rows_ident)
-    if not base.cached:  # a warm-up trains the base: model compute like any training
-        warm = S.stage_summary(base).get("warmup") or {}
-        if "started_at" in warm and "trained_at" in warm:
-            tl.add("base", name, "compute", warm["started_at"], warm["trained_at"])
-    out.base_model = S.model_path(base)
-    with tl.span("tokens", name, "data"):
-        tokens = S.tokens_stage(cfg, base, rows, rows_ident, split="train")
-        valid = (S.tokens_stage(cfg, base, valid_rows, rows_ident, split="clean_valid")
-                 if valid_rows else None)
-    if until == "data":
+    up = upstream(cfg, spec, until, src=src, track=track, slots=slots)
+    out.base_model = up.base_model
+    if up.scores is None or until == "score":  # `until` stops before the partition
         return out
-    with slots, tl.span("reference", name):
-        reference = S.reference_stage(cfg, spec, base, tokens, valid,
-                                      track.target(spec, "reference", cfg.reference.seed))
-    tl.add_training("reference", name, S.stage_metrics(reference) if not reference.cached else {})
-    if until == "reference":
-        return out
-    t_score = time.time()
-    with tl.span("score", name):
-        scores = S.score_stage(cfg, base, reference, tokens)
-    if not scores.cached:
-        tl.add_scoring("score", name, t_score, S.scoring_summary(scores))
-    if until == "score":
-        return out
+    tokens, scores, base, valid = up.tokens, up.scores, up.base, up.valid
     with tl.span("partition", name, "data"):
         partition = S.partition_stage(cfg, tokens, scores)
         out.partition_report = S.partition_report(partition)
@@ -183,24 +163,21 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, rows: str, valid_rows: 
     return out
 
 
-def _run_stages(cfg: ExperimentConfig, until: str | None, track: PipelineTracking) -> dict[str, Any]:
-    with timeline.current().span("synthetic", "-", "data"):
-        synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
-    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+def _run_stages(cfg: ExperimentConfig, until: Until | None, track: PipelineTracking) -> dict[str, Any]:
+    src = source(cfg)
     slots = TrainingSlots(cfg)
-    outcomes = _parallel(
-        lambda spec: _model_chain(cfg, spec, rows, valid_rows, ident, until, track, slots),
-        list(cfg.models), cfg.ray.max_parallel_models)
+    outcomes = _parallel(lambda spec: _model_chain(cfg, spec, src, until, track, slots),
+                         list(cfg.models), cfg.ray.max_parallel_models)
     results: dict[str, Any] = {"outcomes": outcomes}
     if until in (None, "evaluate") and cfg.evaluate.enabled:
         from orchestrator.pipeline.evaluate_stage import evaluate_outcomes
 
         with timeline.current().span("evaluate", "-"):
-            results["eval"] = evaluate_outcomes(cfg, outcomes, synthetic, track)
+            results["eval"] = evaluate_outcomes(cfg, outcomes, src.synthetic, track)
     return results
 
 
-def run_pipeline(cfg: ExperimentConfig, until: str | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: ExperimentConfig, until: Until | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the comparison rows."""
     from orchestrator.logs import configure_console
 
@@ -297,19 +274,16 @@ def inspect_sample_cli(cfg: ExperimentConfig, model: str, sample_id: int,
     if spec is None:
         names = ", ".join(m.name for m in cfg.models)
         raise SystemExit(f"lethe inspect: no model named '{model}' in the config (models: {names})")
-    synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
-    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
-    base = S.base_stage(cfg, spec, rows, ident)
-    tokens = S.tokens_stage(cfg, base, rows, ident, split="train")
-    found = S.find_done(cfg, "partition", {"tokens": tokens.key,
+    up = upstream(cfg, spec, "data")
+    found = S.find_done(cfg, "partition", {"tokens": up.tokens.key,
                                            "partition": cfg.partition.model_dump(mode="json")})
     if found is None:
         raise SystemExit("lethe inspect: no finished partition for this config; run `lethe run` first")
     scores = S.StageOut(found.inputs["scores"], S.stages_root(cfg) / "scores" / found.inputs["scores"],
                         True)
     scores_dir = S.scores_path(scores)
-    text, html = inspect_sample(found.dir / "partitioned.parquet", scores_dir,
-                                S.model_path(base), sample_id)
+    text, html = inspect_sample(found.dir / "partitioned.parquet", scores_dir, up.base_model,
+                                sample_id)
     if html_out:
         Path(html_out).write_text(html)
     return text

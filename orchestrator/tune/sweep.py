@@ -9,29 +9,24 @@ intermediate metrics (`val_loss`) to Tune, so ASHA can stop weak trials early.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cache import atomic_write_json
 from orchestrator.config import ExperimentConfig, save_config
 from orchestrator.pipeline import stages as S
 from orchestrator.pipeline.run import init_ray, run_dir
 from orchestrator.pipeline.tracking_glue import PipelineTracking
+from orchestrator.pipeline.upstream import upstream
+from orchestrator.tracking.target import RunLabel
 
 
 def _shared_stages(cfg: ExperimentConfig, track: PipelineTracking) -> dict[str, Any]:
     """Everything trials share, computed (or found cached) once, as plain data."""
-    spec = cfg.models[0]
-    synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
-    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
-    base = S.base_stage(cfg, spec, rows, ident)
-    tokens = S.tokens_stage(cfg, base, rows, ident, split="train")
-    valid = S.tokens_stage(cfg, base, valid_rows, ident, split="clean_valid") if valid_rows else None
-    reference = S.reference_stage(cfg, spec, base, tokens, valid,
-                                  track.target(spec, "reference", cfg.reference.seed))
-    scores = S.score_stage(cfg, base, reference, tokens)
-    out = {"base": base, "tokens": tokens, "valid": valid, "scores": scores, "synthetic": synthetic}
+    up = upstream(cfg, cfg.models[0], "score", track=track)
+    out = {"base": up.base, "tokens": up.tokens, "valid": up.valid, "scores": up.scores,
+           "synthetic": up.source.synthetic}
     return {k: (None if v is None else {"key": v.key, "dir": str(v.dir), "cached": v.cached})
             for k, v in out.items()}
 
@@ -81,7 +76,7 @@ def _trial(params: dict[str, Any], cfg_dict: dict[str, Any], shared: dict[str, A
     final.update({"auroc": float(report.get("auroc") or float("nan")), "trial_finished": 1.0,
                   "lambda_max": float(params["lambda_max"]), "rho": float(params["rho"])})
     if cfg.evaluate.enabled:
-        label = f"{spec.name}/forget/s{cfg.train.seed}"
+        label = str(RunLabel(spec.name, "forget", cfg.train.seed))
         results, dirs = evaluate_labelled(cfg, {label: S.model_path(done)},
                                           _stage(shared["synthetic"]), in_process=True)
         track.log_eval(results, dirs, extra_tags=tags)
@@ -206,7 +201,7 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     print(f"[lethe] best: lambda_max={best.config['lambda_max']:.4g} rho={best.config['rho']:.3f} "
           f"{t.metric}={best.metrics.get(t.metric)}  -> {best_path}")
     track.log_sweep(rows, t.metric, best_path, table)
-    (root / "sweep_trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    atomic_write_json(root / "sweep_trials.json", rows)
     return {"rows": rows, "best_config": str(best_path), "best": best.config}
 
 
