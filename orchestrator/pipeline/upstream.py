@@ -62,11 +62,13 @@ def source(cfg: ExperimentConfig) -> Source:
 
 def upstream(cfg: ExperimentConfig, model: ModelSpec, until: Until | None = None, *,
              src: Source | None = None, track: Any = None,
-             slots: contextlib.AbstractContextManager[Any] | None = None) -> ModelStages:
+             slots: contextlib.AbstractContextManager[Any] | None = None,
+             session: Any = None) -> ModelStages:
     """Run (or find cached) `model`'s chain as far as `until` asks.
 
     `track` (PipelineTracking) gives the reference training its MLflow run; `slots` caps
-    the Ray Train runs in flight (pipeline/run.TrainingSlots).
+    the Ray Train runs in flight (pipeline/run.TrainingSlots); `session` is the family's
+    running Ray Train run the reference joins (pipeline/sessions.py), None for its own run.
     """
     src = src if src is not None else source(cfg)
     stop = _STOPS.get(until or "", len(_STOPS))
@@ -86,7 +88,7 @@ def upstream(cfg: ExperimentConfig, model: ModelSpec, until: Until | None = None
         return out
     with slots if slots is not None else contextlib.nullcontext(), tl.span("reference", name):
         target = track.target(model, "reference", cfg.reference.seed) if track else None
-        out.reference = S.reference_stage(cfg, model, base, tokens, valid, target)
+        out.reference = S.reference_stage(cfg, model, base, tokens, valid, target, session)
     tl.add_training("reference", name,
                     S.stage_metrics(out.reference) if not out.reference.cached else {})
     if stop < 2:
