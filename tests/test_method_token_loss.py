@@ -226,3 +226,65 @@ def test_zero_rows_gives_empty_output_and_zero_grads():
     assert out.shape == (0,) and out.dtype == torch.float32
     out.sum().backward()
     assert torch.all(weight.grad == 0) and torch.all(bias.grad == 0)
+
+
+# ----------------------------------------------------------------------------- decoder -> CE
+
+
+class _ToyDecoder(torch.nn.Module):
+    """Embedding + one causal mixing step: a stand-in for a transformers decoder."""
+
+    def __init__(self, v=41, h=12, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(v, h)
+        self.mix = torch.nn.Linear(h, h)
+
+    def forward(self, input_ids, use_cache=False, attention_mask=None, position_ids=None):
+        x = self.embed(input_ids)
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return (torch.tanh(self.mix(x + prev)),)
+
+
+def test_decoder_token_ce_is_the_shifted_full_logits_ce():
+    from orchestrator.method.token_loss import aligned_token_ce, decoder_token_ce, prediction_rows
+
+    dec = _ToyDecoder()
+    head = torch.nn.Linear(12, 41)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 41, (3, 9), generator=g)
+    mask = torch.rand(3, 9, generator=g) > 0.4
+    labels = shift_targets(ids, mask)
+    rows, targets = prediction_rows(labels)
+    assert rows.tolist() == (labels.reshape(-1) != IGNORE).nonzero().squeeze(1).tolist()
+    ce = decoder_token_ce(dec, head.weight, head.bias, ids, rows, targets, chunk_size=4)
+    logits = head(dec(ids)[0])
+    full = F.cross_entropy(logits.reshape(-1, 41), labels.reshape(-1), reduction="none",
+                           ignore_index=IGNORE)
+    torch.testing.assert_close(ce, full[rows], rtol=1e-5, atol=1e-6)
+    aligned = aligned_token_ce(dec, head.weight, head.bias, ids, mask, chunk_size=5)
+    torch.testing.assert_close(aligned, unshift_losses(full.reshape(3, 9)), rtol=1e-5, atol=1e-6)
+    aligned.sum().backward()  # differentiable down to the decoder
+    assert dec.embed.weight.grad is not None and float(dec.embed.weight.grad.abs().sum()) > 0
+
+
+def test_decoder_token_ce_refuses_a_partitioned_head():
+    from orchestrator.method.token_loss import decoder_token_ce
+
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="lm_head weight is empty"):
+        decoder_token_ce(_ToyDecoder(), torch.empty(0), None, ids, torch.tensor([0]),
+                         torch.tensor([1]))
+
+
+def test_token_scores_are_base_minus_reference_in_float32():
+    import numpy as np
+
+    from orchestrator.method.score import token_scores
+
+    base = np.array([2.5, 1.0, 0.25], dtype=np.float32)
+    ref = np.array([0.5, 1.5, 0.25], dtype=np.float64)
+    out = token_scores(base, ref)
+    assert out.dtype == np.float32 and out.tolist() == [2.0, -0.5, 0.0]
+    with pytest.raises(ValueError, match="shape"):
+        token_scores(base, ref[:2])

@@ -1,5 +1,11 @@
 """The training objective: plain SFT, *ignore* (positives only) and *forget* (the paper).
 
+The forgetting objective of Taheri et al., "Forgetting: A New Mechanism Towards Better
+Large Language Model Fine-tuning" (TMLR 2026, arXiv 2508.04329): learn the positive tokens
+by the usual CE and forget the negative ones by gradient ascent on their CE, weighted by
+lambda(step) (method/schedules.py). The positive / negative split is the partition's
+(method/partition.py) of the score CE_base - CE_ref (method/score.py).
+
     forget, ascent (paper):  L = sum_pos CE / n_pos  -  lam * sum_neg CE / n_neg
     forget, unlikelihood:    L = sum_pos CE / n_pos  +  lam * sum_neg -log(1 - p) / n_neg,
                              p = exp(-CE), the model's probability of the negative token.
@@ -9,11 +15,14 @@ counts class +1 tokens and `n_neg` class -1 tokens. "sft" trains on every token 
 class != 0 and divides by n_pos + n_neg; "ignore" trains on class +1 only.
 
 Normalisation:
-- "micro_batch" (paper): n_* are this call's counts; a class with no tokens contributes 0.
-- "global": n_* are caller-supplied counts over every micro-batch of the optimizer step and
-  every data-parallel rank. The caller multiplies the loss by (world_size * grad_accum) so
-  that DDP/DeepSpeed gradient averaging (divide by world_size, and by grad_accum) gives back
-  exactly the mean over the whole global batch.
+- "micro_batch" (the paper's released code): n_* are this call's counts, so the means are
+  per micro-batch and per rank; a class with no tokens contributes 0.
+- "global" (Lethe's default, an engineering choice: configs/paper/*.yaml say so beside the
+  value): n_* are caller-supplied counts over every micro-batch of the optimizer step and
+  every data-parallel rank, so the step's gradient does not depend on how the global batch
+  is cut into micro-batches and ranks. The caller multiplies the loss by
+  (world_size * grad_accum) so that DDP/DeepSpeed gradient averaging (divide by world_size,
+  and by grad_accum) gives back exactly the mean over the whole global batch.
 
 Pure torch (method core).
 """

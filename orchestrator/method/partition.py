@@ -1,5 +1,11 @@
 """Token partition by score: the top `rho` fraction of tokens are positive, the rest negative.
 
+The paper's partition (Taheri et al., TMLR 2026, arXiv 2508.04329): one threshold over the
+scores CE_base - CE_ref (method/score.py) of all response tokens of the corpus, chosen so
+that a fraction rho of them (0.7 in the paper) score above it: those are positive, learned;
+the rest negative, forgotten. `partition_per_sample` (a threshold per sample) is a variant,
+not the paper's.
+
 A ragged corpus is three flat arrays: `scores` (float, one per *response* token, in corpus
 order), `offsets` (int64 [S+1]; sample s owns scores[offsets[s]:offsets[s+1]]) and
 `sample_ids` (int64 [S]). The caller drops non-response positions before calling.

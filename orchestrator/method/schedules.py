@@ -1,5 +1,8 @@
 """Schedules for lambda, the weight of the negative (forgetting) term.
 
+The paper (Taheri et al., TMLR 2026, arXiv 2508.04329) grows lambda with training progress,
+so forgetting starts gently, from t_max = 0.25 and t_min = 1e-5 in its released code.
+
 "linear" reproduces the paper's released code exactly: lambda = (t_max - t_min) * step /
 total_steps, a ramp that starts at 0 at step 0 (t_min only sets the slope; it is not an
 offset) and is not clamped past total_steps. Pure Python (method core).

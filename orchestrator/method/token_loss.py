@@ -225,3 +225,107 @@ def unshift_losses(shifted: Tensor) -> Tensor:
     out = torch.zeros_like(shifted)
     out[:, 1:] = shifted[:, :-1]
     return out
+
+
+# ----------------------------------------------------------------------------- decoder -> CE
+# The one loss path of training, scoring and the tests: the decoder runs alone (no
+# [B, T, V] logits), only the hidden rows at prediction positions are kept, and
+# chunked_token_ce turns them into per-token CE. The paper's token loss is the ordinary
+# next-token CE of each response token (Taheri et al., TMLR 2026, arXiv 2508.04329): the
+# quantity both the score (method/score.py) and the objective (method/objective.py) are
+# built from.
+
+
+def prediction_rows(labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """(flat row indices into [B * T], target ids) of the positions that carry a label.
+
+    Row-major order, the order of `hidden[labels != ignore_index]`. On CUDA tensors this
+    syncs with the host (nonzero); a caller that knows the rows on the host builds the
+    labels there (CPU tensors) and moves only the result, as the scorer does.
+    """
+    _check_2d("labels", labels)
+    flat_labels = labels.reshape(-1)
+    rows = (flat_labels != ignore_index).nonzero().squeeze(1)
+    return rows, flat_labels.index_select(0, rows)
+
+
+def _last_hidden(outputs) -> Tensor:
+    """The decoder's last hidden states [B, T, H] from a tensor, a ModelOutput or a tuple."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    hidden = getattr(outputs, "last_hidden_state", None)
+    return hidden if hidden is not None else outputs[0]
+
+
+def decoder_token_ce(
+    decoder,
+    weight: Tensor,
+    bias: Tensor | None,
+    input_ids: Tensor,
+    rows: Tensor,
+    targets: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    chunk_size: int = 4096,
+    ignore_index: int = -100,
+    check_targets: bool = True,
+) -> Tensor:
+    """float32 [N]: CE of `targets` predicted from the decoder's hidden states at `rows`.
+
+    `decoder(input_ids=..., use_cache=False)` returns the last hidden states after the final
+    norm (`models.decoder_and_head` finds it and the head), so `hidden @ weight.T + bias`
+    are the model's logits. `rows` index the flattened [B * T] positions (from
+    `prediction_rows`: row t predicts token t + 1). Differentiable (training uses it).
+    """
+    if weight.numel() == 0:
+        raise ValueError(
+            "lm_head weight is empty (partitioned by DeepSpeed ZeRO-3?): compute the loss "
+            "inside a module forward that registers it as an external parameter"
+        )
+    kwargs = {"input_ids": input_ids, "use_cache": False}
+    # Only what the caller gave: a None passed explicitly is the same as leaving it out for
+    # these families, but not for every decoder one might hand in.
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    hidden = _last_hidden(decoder(**kwargs))
+    if hidden.dtype != weight.dtype and torch.is_autocast_enabled(hidden.device.type):
+        # What autocast does for an nn.Linear head: a low-precision copy of the weight
+        # (differentiable), so the largest matmul does not fall back to fp32.
+        weight = weight.to(hidden.dtype)
+        bias = bias.to(hidden.dtype) if bias is not None else None
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    del hidden
+    return chunked_token_ce(picked, weight, targets, bias=bias, chunk_size=chunk_size,
+                            ignore_index=ignore_index, check_targets=check_targets)
+
+
+def aligned_token_ce(
+    decoder,
+    weight: Tensor,
+    bias: Tensor | None,
+    input_ids: Tensor,
+    target_mask: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    chunk_size: int = 4096,
+) -> Tensor:
+    """float32 [B, T] aligned with input_ids: out[b, i] = CE of token i given tokens < i
+    where target_mask[b, i] is set (i >= 1), 0.0 elsewhere (position 0 included).
+
+    With packed sequences (position_ids restarting per sample) the caller clears
+    target_mask at each sample's first token, which has no in-sample context.
+    """
+    _check_2d("input_ids", input_ids)
+    labels = shift_targets(input_ids, target_mask)
+    rows, targets = prediction_rows(labels)
+    losses = decoder_token_ce(decoder, weight, bias, input_ids, rows, targets,
+                              attention_mask=attention_mask, position_ids=position_ids,
+                              chunk_size=chunk_size)
+    # Out-of-place copy keeps the autograd path from each loss back to its hidden row.
+    shifted = torch.zeros(labels.numel(), dtype=torch.float32, device=losses.device)
+    shifted = shifted.index_copy(0, rows, losses.float()).reshape(labels.shape)
+    return unshift_losses(shifted)

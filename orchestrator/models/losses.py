@@ -1,16 +1,16 @@
-"""Per-token losses from the decoder's hidden states, without full-vocabulary logits.
+"""Where a causal LM's decoder and head are, for the method core's loss path.
 
-The model's own forward would materialise [B, T, V] logits (V can be 150k); here the decoder
-runs alone, only the hidden rows at target positions are kept, and the method core's
-chunked cross-entropy turns them into losses a chunk at a time.
+The model's own forward would materialise [B, T, V] logits (V can be 150k); the method core
+(`method.token_loss.decoder_token_ce`) runs the decoder alone and computes the CE of the
+target rows a chunk at a time. This module only finds the pieces for llama / qwen2 / gpt_neo
+(through a peft wrapper); `token_losses` is the [B, T] form for tests and analyses.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from orchestrator.method.token_loss import chunked_token_ce, shift_targets, unshift_losses
+from orchestrator.method.token_loss import aligned_token_ce
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -64,13 +64,8 @@ def token_losses(
     chunk_size: int = 4096,
     position_ids: Tensor | None = None,
 ) -> Tensor:
-    """Per-token CE, float32 [B, T] aligned with input_ids.
-
-    out[b, i] = CE of token i given tokens < i where target_mask[b, i] is set (i >= 1);
-    0.0 elsewhere, including position 0. Differentiable (training uses it). With packed
-    sequences (position_ids restarting per sample) the caller must clear target_mask at each
-    sample's first token, which has no in-sample context.
-    """
+    """Per-token CE of a causal LM, float32 [B, T] aligned with input_ids (0.0 off targets and
+    at position 0): `method.aligned_token_ce` on this model's decoder and head."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if target_mask.shape != input_ids.shape:
@@ -79,24 +74,6 @@ def token_losses(
             f"{tuple(input_ids.shape)}"
         )
     decoder, weight, bias = decoder_and_head(model)
-    outputs = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    )
-    if weight.numel() == 0:
-        raise ValueError(
-            "lm_head weight is empty (partitioned by DeepSpeed ZeRO-3?): call token_losses "
-            "inside a module forward that registers it as an external parameter"
-        )
-    hidden = outputs[0]  # last_hidden_state [B, T, H] (ModelOutput or tuple alike)
-    # labels[:, t] = token t+1 where it is a target: the prediction made at position t.
-    labels = shift_targets(input_ids, target_mask)
-    predicting = labels != -100
-    rows = hidden[predicting]  # [N, H]: only the positions that carry a loss
-    losses = chunked_token_ce(rows, weight, labels[predicting], bias=bias, chunk_size=chunk_size)
-    shifted = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
-    # Out-of-place scatter keeps the autograd path from each loss back to its hidden row.
-    shifted = shifted.masked_scatter(predicting, losses.float())
-    return unshift_losses(shifted)
+    return aligned_token_ce(decoder, weight, bias, input_ids, target_mask,
+                            attention_mask=attention_mask, position_ids=position_ids,
+                            chunk_size=chunk_size)

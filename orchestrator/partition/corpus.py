@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchestrator.method.partition import check_finite
+from orchestrator.method.score import token_scores
 from orchestrator.scoring.blocks import score_files
 
 
@@ -35,7 +36,7 @@ class ResponseScores:
     table: pa.Table  # the token rows, sorted by sample_id
     sample_ids: np.ndarray  # int64 [S]
     offsets: np.ndarray  # int64 [S+1] into scores
-    scores: np.ndarray  # float32 [N]: base_loss - ref_loss
+    scores: np.ndarray  # float32 [N]: method.score.token_scores (CE_base - CE_ref)
     positions: np.ndarray  # int64 [N]: token index inside its sample
     selected: np.ndarray  # bool [total tokens]: which flat token slots are response tokens
     token_offsets: np.ndarray  # int64 [S+1] into all tokens of `table`
@@ -104,7 +105,7 @@ def join_response_scores(tokens: pa.Table, scores: pa.Table) -> ResponseScores:
     owner = np.repeat(np.arange(len(sids)), lengths)
     position = np.arange(mask.size, dtype=np.int64) - tok_off[owner]
     selected = (mask != 0) & (position >= 1)
-    flat = (base[selected].astype(np.float32) - ref[selected].astype(np.float32)).astype(np.float32)
+    flat = token_scores(base[selected], ref[selected])
     counts = np.bincount(owner[selected], minlength=len(sids))
     offsets = np.zeros(len(sids) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])

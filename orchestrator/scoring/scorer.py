@@ -10,8 +10,9 @@ What makes it fast (see /work/shared/PERFORMANCE.md):
 - Right padding and no attention mask: with causal attention a real token never attends to
   the pads that follow it, so the mask is unnecessary and sdpa keeps its fused causal kernel
   (an explicit padding mask would push it onto a slower masked kernel).
-- Cross-entropy only on response rows: the hidden states at prediction positions of
-  response tokens are gathered first and fed to `chunked_token_ce`, so full-vocabulary
+- Cross-entropy only on response rows, through the method core's one loss path
+  (`decoder_token_ce`, the same as training's): the hidden states at prediction positions
+  of response tokens are gathered first and fed to the chunked CE, so full-vocabulary
   logits never exist for the whole batch (only chunk_size x V at a time).
 
 Packing (`packing=True`) is not implemented: it pays only with a varlen attention kernel
@@ -28,11 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.method.token_loss import chunked_token_ce
+from orchestrator.method.token_loss import decoder_token_ce, prediction_rows, shift_targets
 from orchestrator.models import decoder_and_head, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100  # shift_targets' default: the label of a position with no target
 REQUIRED_KEYS = ("sample_id", "input_ids", "response_mask")
 
 
@@ -93,14 +95,6 @@ def _as_row_arrays(column: np.ndarray, name: str) -> list[np.ndarray]:
         return [np.asarray(row) for row in column]
     except TypeError as exc:
         raise ValueError(f"batch column '{name}' is not a sequence of arrays") from exc
-
-
-def _hidden_states(decoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    out = decoder(input_ids=input_ids, use_cache=False)
-    if isinstance(out, torch.Tensor):
-        return out
-    hidden = getattr(out, "last_hidden_state", None)
-    return hidden if hidden is not None else out[0]
 
 
 class TokenScorer:
@@ -220,31 +214,30 @@ class TokenScorer:
                            ) -> tuple[list, dict[str, torch.Tensor]] | None:
         """Queue both models on one micro-batch; returns (owners, per-model CE on device)."""
         padded = np.zeros((len(rows), width), dtype=np.int64)  # pad value is never attended to
-        flat_index, targets, owners = [], [], []
+        response = np.zeros((len(rows), width), dtype=np.int8)  # pads are never targets
         for b, r in enumerate(rows):
-            row = ids[r]
-            padded[b, : len(row)] = row
-            # Token i (i >= 1, response) is predicted from the hidden state at i - 1.
-            pos = np.flatnonzero(np.asarray(masks[r])[1:] != 0) + 1
-            flat_index.append(b * width + pos - 1)
-            targets.append(row[pos])
-            owners.append((r, pos))
-        flat = np.concatenate(flat_index)
-        if flat.size == 0:
+            padded[b, : len(ids[r])] = ids[r]
+            response[b, : len(ids[r])] = masks[r]
+        # The labels are built on the host (CPU tensors) with the method core's shift, so
+        # picking the target rows costs no device sync; only the result moves.
+        input_cpu = torch.from_numpy(padded)
+        labels = shift_targets(input_cpu, torch.from_numpy(response))
+        flat, targets = prediction_rows(labels)
+        if flat.numel() == 0:
             return None
-        self.counters.scored_tokens += int(flat.size)
-        input_ids = torch.from_numpy(padded).to(self.device, non_blocking=True)
-        flat_t = torch.from_numpy(flat).to(self.device)
-        targets_t = torch.from_numpy(np.concatenate(targets).astype(np.int64)).to(self.device)
+        # Row t of sample b predicts token t + 1: the losses land at positions t + 1.
+        predicting = labels.numpy() != IGNORE_INDEX
+        owners = [(r, np.flatnonzero(predicting[b]) + 1) for b, r in enumerate(rows)]
+        self.counters.scored_tokens += int(flat.numel())
+        input_ids = input_cpu.to(self.device, non_blocking=True)
+        flat_t, targets_t = flat.to(self.device), targets.to(self.device)
         per_model = {}
         for name, (decoder, weight, bias) in self.heads.items():
-            hidden = _hidden_states(decoder, input_ids)
-            rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_t)
-            del hidden
             # Targets were range-checked on the host in _validate: skip the device check
             # (a host sync per call).
-            per_model[name] = chunked_token_ce(rows_h, weight, targets_t, bias=bias,
-                                               chunk_size=self.chunk_size, check_targets=False)
+            per_model[name] = decoder_token_ce(decoder, weight, bias, input_ids, flat_t,
+                                               targets_t, chunk_size=self.chunk_size,
+                                               check_targets=False)
         return owners, per_model
 
     def _copy_back(self, pending: list[tuple[list, dict[str, torch.Tensor]]],

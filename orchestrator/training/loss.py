@@ -1,7 +1,8 @@
 """The training loss around the method core: target-row CE inside a module's forward.
 
-`TokenLossModel` wraps the causal LM so that the whole loss computation (decoder -> hidden
-rows at targets -> chunked CE against the lm_head weight) happens inside one `forward`.
+`TokenLossModel` wraps the causal LM so that the whole loss computation (the method core's
+`decoder_token_ce`: decoder -> hidden rows at targets -> chunked CE against the lm_head
+weight) happens inside one `forward`.
 That matters for the engines: DDP must see the forward through its wrapper, and ZeRO-3
 only gathers a partitioned parameter inside the forward of a module that owns it or has
 it registered as external (the lm_head weight is read directly, never through
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from orchestrator.method.objective import ObjectiveOutput, forgetting_objective
-from orchestrator.method.token_loss import chunked_token_ce
+from orchestrator.method.token_loss import decoder_token_ce, prediction_rows
 from orchestrator.models.losses import decoder_and_head
 from orchestrator.training.collate import IGNORE_INDEX
 
@@ -39,17 +40,11 @@ class TokenLossModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 target_class: Tensor) -> tuple[Tensor, Tensor]:
         decoder, weight, bias = decoder_and_head(self.model)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         use_cache=False).last_hidden_state
-        if hidden.dtype != weight.dtype and torch.is_autocast_enabled(hidden.device.type):
-            # What autocast does for an nn.Linear head: a low-precision copy of the weight
-            # (differentiable), so the largest matmul does not fall back to fp32.
-            weight = weight.to(hidden.dtype)
-            bias = bias.to(hidden.dtype) if bias is not None else None
-        rows = labels != IGNORE_INDEX
-        ce = chunked_token_ce(hidden[rows], weight, labels[rows], bias=bias,
-                              chunk_size=self.chunk_size, ignore_index=IGNORE_INDEX)
-        return ce, target_class[rows]
+        rows, targets = prediction_rows(labels, IGNORE_INDEX)
+        ce = decoder_token_ce(decoder, weight, bias, input_ids, rows, targets,
+                              attention_mask=attention_mask, chunk_size=self.chunk_size,
+                              ignore_index=IGNORE_INDEX)
+        return ce, target_class.reshape(-1).index_select(0, rows)
 
 
 @dataclass
@@ -92,11 +87,3 @@ def objective_for_batch(ce: Tensor, cls: Tensor, *, mode: str, lam: float, negat
     )
     out.loss = out.loss * norm.scale
     return out
-
-
-def mean_response_ce(loss_model: nn.Module, batch: dict[str, Tensor]) -> tuple[float, int]:
-    """(sum of CE, count) over the batch's targets, for validation (no grad)."""
-    with torch.no_grad():
-        ce, _ = loss_model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                           batch["target_class"])
-    return float(ce.double().sum()), int(ce.numel())
