@@ -56,8 +56,3 @@ def collate(
         "target_class": target_class,
     }
 
-
-def class_counts(batch: dict[str, Tensor]) -> tuple[int, int]:
-    """(class +1, class -1) targets in a collated batch: the objective's counting rule."""
-    tc = batch["target_class"]
-    return int((tc == 1).sum()), int((tc == -1).sum())

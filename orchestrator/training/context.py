@@ -1,7 +1,8 @@
 """Where the per-worker loop runs: inside Ray Train, or alone (the no-Ray shim).
 
-The loop talks only to a `WorkerContext`: rank and world size, its shard of the training
-rows, `report(metrics, checkpoint_dir)` and the latest checkpoint to resume from. The Ray
+The recipe (`trainer.Trainer`) talks only to a `WorkerContext`: rank and world size, its
+shard of the training rows, `report(metrics, checkpoint_dir)`, the latest checkpoint to
+resume from, and the job's test-only fault hooks (`faults`, see faults.py). The Ray
 version forwards to `ray.train`; the local version (world size 1, e.g. a GPU box without
 Ray, a profiler or a debugger) keeps checkpoints under `<storage>/<run>/checkpoints/` and
 resumes from the newest complete one, so both resume the same way.
@@ -17,7 +18,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,8 +26,22 @@ import torch.distributed as dist
 
 from orchestrator.training import distributed
 from orchestrator.training.data import TokenRows, read_table, rows_from_table, shard_for_rank
+from orchestrator.training.faults import FaultHooks
 
 COMPLETE = "_COMPLETE"
+
+
+class WorkerContext(Protocol):
+    """What the recipe needs from where it runs (LocalContext or RayContext)."""
+
+    rank: int
+    world_size: int
+    faults: FaultHooks
+
+    def device(self, use_gpu: bool) -> torch.device: ...
+    def train_rows(self) -> TokenRows: ...
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None: ...
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
 
 
 def require_cuda(why: str) -> None:
@@ -53,10 +68,8 @@ class LocalContext:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.rank, self.world_size, self.local_rank = 0, 1, 0
-        self.config = config
-        self.run_dir = Path(config["storage_path"]) / config["run_name"]
-        self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics_log: list[dict[str, Any]] = []
+        self.use_job(config)
 
     def device(self, use_gpu: bool) -> torch.device:
         if use_gpu:
@@ -100,6 +113,7 @@ class LocalContext:
     def use_job(self, config: dict[str, Any]) -> None:
         """The next job of this worker (several jobs can share one worker group)."""
         self.config = config
+        self.faults = FaultHooks.from_config(config)
         self.run_dir = Path(config["storage_path"]) / config["run_name"]
         self.checkpoint_root = self.run_dir / "checkpoints"
 
@@ -134,7 +148,7 @@ class RayContext:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
-        self.config = config
+        self.use_job(config)
 
     def device(self, use_gpu: bool) -> torch.device:
         # Ray Train may narrow CUDA_VISIBLE_DEVICES per worker, so the local rank is not
@@ -157,6 +171,7 @@ class RayContext:
 
     def use_job(self, config: dict[str, Any]) -> None:
         self.config = config
+        self.faults = FaultHooks.from_config(config)
 
     def train_rows(self) -> TokenRows:
         """This rank's fixed shard, read straight from the job's Parquet file (shared storage).
