@@ -61,10 +61,26 @@ def _planned(job: TrainJob, config: dict[str, Any]) -> int:
                            train.grad_accum_steps, train.epochs, train.max_steps)
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def placement_strategy(train: Any, override: str | None = None) -> str:
+    """How Ray places a run's workers: PACK (default: as few nodes as possible, one node when
+    it fits) or SPREAD (one worker per node where it can: a failed node loses one rank, and
+    each node's GPUs/NICs serve one worker). `train.placement_strategy` when the config has
+    it; `override` (a caller's explicit choice) wins."""
+    value = override or getattr(train, "placement_strategy", None) or "PACK"
+    if value not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"train.placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
+                         f"got {value!r}")
+    return value
+
+
 def _group_key(job: TrainJob) -> tuple:
     """Jobs can share one worker group when they ask for the same workers."""
     t = job.train_config()
-    return (t.num_workers, t.use_gpu, t.cpus_per_worker, t.gpus_per_worker, t.max_failures)
+    return (t.num_workers, t.use_gpu, t.cpus_per_worker, t.gpus_per_worker, t.max_failures,
+            placement_strategy(t))
 
 
 def run_training(job: TrainJob) -> TrainResult:
@@ -73,7 +89,8 @@ def run_training(job: TrainJob) -> TrainResult:
 
 
 def run_trainings(jobs: list[TrainJob], run_name: str | None = None,
-                  storage_path: str | None = None) -> list[TrainResult]:
+                  storage_path: str | None = None,
+                  placement: str | None = None) -> list[TrainResult]:
     """Train several models, one after the other, in ONE Ray Train run (one worker group).
 
     A Ray Train run costs tens of seconds of start-up (worker processes, imports, process
@@ -81,7 +98,8 @@ def run_trainings(jobs: list[TrainJob], run_name: str | None = None,
     model family (methods x seeds) ask for the same workers, so they share them: each job
     still has its own output folder, metrics, MLflow run and export. A finished job (its
     `_SUCCESS.json`) is skipped; after a failure the run restarts, workers skip the jobs whose
-    export is complete and resume the interrupted one from its last checkpoint.
+    export is complete and resume the interrupted one from its last checkpoint. `placement`:
+    see `placement_strategy` (None = the config's, PACK by default).
     """
     pending = [j for j in jobs if not j.success_path.is_file()]
     if pending:
@@ -90,13 +108,15 @@ def run_trainings(jobs: list[TrainJob], run_name: str | None = None,
             raise ValueError(f"run_trainings: jobs ask for different worker groups: {sorted(keys)}")
         # Name and storage must not depend on which jobs are still pending: a rerun after a
         # failure has to find the interrupted job's checkpoints under the same run.
-        _fit(pending, run_name or jobs[0].run_name, storage_path or jobs[0].storage_path)
+        _fit(pending, run_name or jobs[0].run_name, storage_path or jobs[0].storage_path,
+             placement)
     pending_ids = {id(j) for j in pending}
     return [_collect(j) if id(j) in pending_ids else TrainResult.load(j.success_path)
             for j in jobs]
 
 
-def _fit(jobs: list[TrainJob], run_name: str, storage_path: str) -> None:
+def _fit(jobs: list[TrainJob], run_name: str, storage_path: str,
+         placement: str | None = None) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -115,7 +135,8 @@ def _fit(jobs: list[TrainJob], run_name: str, storage_path: str) -> None:
         train_loop_per_worker,
         train_loop_config={"jobs": configs},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=placement_strategy(train, placement)),
         run_config=RunConfig(
             name=run_name,
             storage_path=str(Path(storage_path).resolve()),
