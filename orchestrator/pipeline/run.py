@@ -11,6 +11,7 @@ missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -120,9 +121,22 @@ def _seeds(cfg: ExperimentConfig) -> list[int]:
 
 def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, src: Source, until: Until | None,
                  track: PipelineTracking, slots: TrainingSlots) -> ModelOutcome:
+    """One family's stages; with a training session (pipeline/sessions.py) its reference and
+    its method x seed jobs share one Ray Train run, which holds a training slot throughout."""
+    from orchestrator.pipeline.sessions import family_session, wants_session
+
+    if not wants_session(cfg, until):
+        return _family_stages(cfg, spec, src, until, track, slots, None)
+    with slots, family_session(cfg, spec, src.ident, until) as session:
+        return _family_stages(cfg, spec, src, until, track, contextlib.nullcontext(), session)
+
+
+def _family_stages(cfg: ExperimentConfig, spec: ModelSpec, src: Source, until: Until | None,
+                   track: PipelineTracking, slots: contextlib.AbstractContextManager[Any],
+                   session: Any) -> ModelOutcome:
     out = ModelOutcome(spec)
     tl, name = timeline.current(), spec.name
-    up = upstream(cfg, spec, until, src=src, track=track, slots=slots)
+    up = upstream(cfg, spec, until, src=src, track=track, slots=slots, session=session)
     out.base_model = up.base_model
     if up.scores is None or until == "score":  # `until` stops before the partition
         return out
@@ -147,7 +161,7 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, src: Source, until: Unt
 
     def train_group(idx: list[int]) -> list[S.StageOut]:
         with slots:
-            return S.train_stages(cfg, spec, base, valid, [requests[i] for i in idx])
+            return S.train_stages(cfg, spec, base, valid, [requests[i] for i in idx], session)
 
     done: list[S.StageOut] = [None] * len(requests)  # type: ignore[list-item]
     with tl.span("train", name):
