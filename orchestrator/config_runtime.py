@@ -146,3 +146,7 @@ class RayConfig(Strict):
     """Ray Train runs in flight per model family. Each run trains its share of the family's
     methods x seeds one after the other in one worker group (one start-up per run): 1 on a
     small machine; on a cluster, as many as there are worker groups' worth of GPUs."""
+    prestart_training: bool = True
+    """Start a family's training run (its CPU training session, pipeline/sessions.py) while
+    the base model is still being built, so Ray Train's start-up overlaps the build; false
+    starts it when the reference is fed."""

@@ -21,6 +21,7 @@ from orchestrator.names import (
     NegativeTerm,
     NoiseKind,
     Normalization,
+    PlacementStrategy,
     Schedule,
     SyntheticTask,
 )
@@ -124,6 +125,9 @@ class ScoringConfig(Strict):
     """GPUs reserved per actor (0 = CPU)."""
     num_cpus_per_actor: float = Field(default=1.0, gt=0.0)
     """CPUs reserved per actor."""
+    scheduling_strategy: Literal["SPREAD", "DEFAULT"] = "SPREAD"
+    """How Ray places the actors: SPREAD (one per node where it can: a node's failure loses
+    one actor's blocks) or DEFAULT (where Ray prefers)."""
     batch_size: int = Field(default=256, ge=1)
     """Rows per scoring call inside a block."""
     token_budget: int = Field(default=16384, ge=64)
@@ -202,6 +206,9 @@ class TrainConfig(Strict):
     """CPUs reserved per worker."""
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
     """GPUs reserved per worker."""
+    placement_strategy: PlacementStrategy = "PACK"
+    """How Ray places the workers: PACK (as few nodes as possible) or SPREAD (one worker per
+    node where it can; each node's GPUs and NICs serve one rank)."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Optimizer steps between checkpoints; 0 = only at the end."""
     checkpoint_every_minutes: float | None = Field(default=30.0, gt=0.0)

@@ -25,6 +25,8 @@ NegativeTerm = Literal["ascent", "unlikelihood"]
 Normalization = Literal["global", "micro_batch"]
 NoiseKind = Literal["wrong_value", "filler", "typo"]
 SyntheticTask = Literal["arithmetic", "world_facts", "list_ops", "string_ops"]
+# How Ray places a training run's workers (ScalingConfig.placement_strategy).
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 # Where `lethe run --until` may stop, in pipeline order.
 Until = Literal["data", "reference", "score", "partition", "train", "evaluate"]
 
@@ -36,3 +38,4 @@ NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 NOISE_KINDS: tuple[str, ...] = get_args(NoiseKind)
 SYNTHETIC_TASKS: tuple[str, ...] = get_args(SyntheticTask)
 UNTIL: tuple[str, ...] = get_args(Until)
+PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MODES = ("sft", "ignore", "forget")
-NEGATIVE_TERMS = ("ascent", "unlikelihood")
-NORMALIZATIONS = ("micro_batch", "global")
+from orchestrator.names import METHODS, NEGATIVE_TERMS, NORMALIZATIONS
+
+# The names are declared once, in orchestrator/names.py (plain typing, no Ray or pydantic).
+MODES = METHODS
 
 # Floor on (1 - p) in the unlikelihood term: p -> 1 (CE -> 0) would give -log(0) = inf.
 # The floor caps the term at -log(1e-6) ~= 13.8 (and zeroes its gradient beyond the cap).

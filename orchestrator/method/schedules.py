@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("linear", "constant", "cosine")
+from orchestrator.names import SCHEDULES
 
 
 def lambda_at(

@@ -45,6 +45,6 @@ def family_session(cfg: ExperimentConfig, spec: ModelSpec, rows_ident: Any,
     key = content_hash(S.base_inputs(cfg, spec, rows_ident))
     session = TrainingSession(session_name(spec.name, key), S.stages_root(cfg) / "sessions")
     with session:
-        if not S.base_built(cfg, spec, rows_ident):
+        if cfg.ray.prestart_training and not S.base_built(cfg, spec, rows_ident):
             session.prestart(cfg.train)
         yield session

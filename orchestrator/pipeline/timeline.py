@@ -18,13 +18,14 @@ flight at once, summing per-stage times would count parallel work twice.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from orchestrator.cache import atomic_write_json
 
 CATEGORIES = ("startup", "data", "compute", "export", "stage")
 
@@ -88,7 +89,7 @@ class Timeline:
                 stage_event(stage, model, event, t1 - t0)
 
     def add_training(self, stage: str, model: str, metrics: dict[str, Any]) -> None:
-        """Spans a training job timed inside its worker (see training/loop.py `timing`):
+        """Spans a training job timed inside its worker (see training/trainer.py `timing`):
         worker-group start-up (first job of a run only), load + engine set-up, the training
         loop (compute), the export."""
         t = metrics.get("timing") or {}
@@ -143,9 +144,7 @@ class Timeline:
     def write(self, path: Path, end: float | None = None) -> None:
         body = {"start": self.start, "summary": self.summary(end),
                 "spans": [asdict(s) for s in self.spans]}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(body, indent=1))
-        tmp.replace(path)
+        atomic_write_json(path, body, indent=1)
 
 
 _current: Timeline | None = None

@@ -59,9 +59,11 @@ def sample_tokens(partitioned_parquet: str | Path, scores_parquet: str | Path,
     if len(scores["base_loss"]) != n or len(scores["ref_loss"]) != n:
         raise ValueError(f"sample {sample_id}: scores length {len(scores['base_loss'])} "
                          f"!= {n} tokens (scores and tokens come from different runs?)")
-    base = np.asarray(scores["base_loss"], dtype=np.float64)
-    ref = np.asarray(scores["ref_loss"], dtype=np.float64)
-    score = base - ref  # None in Parquet lists arrives as NaN here, as intended
+    from orchestrator.method.score import token_scores
+
+    # The partition's own score (float32, as stored); None in Parquet lists arrives as NaN.
+    score = token_scores(np.asarray(scores["base_loss"], dtype=np.float32),
+                         np.asarray(scores["ref_loss"], dtype=np.float32))
     response = part.get("response_mask") or [0] * n
     classes = part.get("token_class") or response
     noise = part.get("noise_mask")

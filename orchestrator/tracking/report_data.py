@@ -21,7 +21,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.tracking.tracker import PARENT_TAG
 from orchestrator.tracking.uri import resolve_tracking_uri
 
-# Curves a training run logs (training/loop.py) that the report plots, in panel order.
+# Curves a training run logs (training/trainer.py) that the report plots, in panel order.
 CURVE_KEYS = ("pos_loss", "neg_loss", "lambda", "val_loss")
 INSPECT_MAX = 2  # inspector pages shown per model
 TIMELINE_FILE = "timeline.json"

@@ -7,12 +7,11 @@ saves its shard and reports), so the ranks must agree. `due()` therefore takes a
 function that reduces the local decision over the ranks (logical OR, e.g. an all-reduce MAX
 of a 0/1 tensor); with one worker it is the identity.
 
-Used by orchestrator/training/loop.py once per optimizer step:
+Used by the training recipe (orchestrator/training/trainer.py) once per optimizer step:
 
     policy = CheckpointPolicy(train.checkpoint_every, train.checkpoint_every_minutes)
     ...
-    ckpt_now = policy.due(state.step, done, agree=lambda f: bool(_all_reduce(
-        torch.tensor([float(f)]), dist.ReduceOp.MAX).item()))
+    ckpt_now = policy.due(state.step, done, agree=strategy.any_rank)
     if ckpt_now:
         ... save + report ...
         policy.saved()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from orchestrator.names import PLACEMENT_STRATEGIES
 from orchestrator.training.data import select_subset
 from orchestrator.training.deepspeed_setup import load_deepspeed_config
 from orchestrator.training.export import write_json_atomic
@@ -61,7 +62,6 @@ def _planned(job: TrainJob, config: dict[str, Any]) -> int:
                            train.grad_accum_steps, train.epochs, train.max_steps)
 
 
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def placement_strategy(train: Any, override: str | None = None) -> str:
