@@ -297,7 +297,7 @@ def test_eval_stages_are_locked_stored_and_released(tmp_path, monkeypatch):
     cfg = config_from_dict({**MINIMAL, "run_dir": str(tmp_path)})
     calls = []
 
-    def fake_many(todo, ev_cfg, include):
+    def fake_many(todo, ev_cfg, include, timings=None):
         calls.append(sorted(todo))
         if "m/bad/s0" in todo:
             raise EvaluationFailed({"m/bad/s0": "RuntimeError: boom"},

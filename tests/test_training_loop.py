@@ -118,13 +118,18 @@ def test_nan_loss_stops_with_the_step(assets):
     assert result.steps == 5 and result.metrics["skipped_micro_batches"] == 1
 
 
-def test_local_resume_matches_an_uninterrupted_run(assets):
-    """Engine state, LR schedule and data position survive a failure exactly."""
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "dropout": 0.5,
+                                          "target_modules": ["q_proj", "v_proj"]}],
+                         ids=["full", "lora-dropout"])
+def test_local_resume_matches_an_uninterrupted_run(assets, lora):
+    """Engine state, LR schedule, data position and the random streams (LoRA dropout draws
+    the same masks after the resume: rng_state.py) survive a failure exactly."""
     tmp, base, data = assets
     kw = {"method": "forget", "max_steps": 6, "checkpoint_every": 2, "micro_batch_size": 4,
-          "grad_accum_steps": 2, "warmup_ratio": 0.3}
-    straight = run_training_local(make_job(tmp, base, data, name="straight", **kw))
-    failing = make_job(tmp, base, data, name="resumed", **kw)
+          "grad_accum_steps": 2, "warmup_ratio": 0.3, "lora": lora}
+    tag = "lora" if lora else "full"
+    straight = run_training_local(make_job(tmp, base, data, name=f"straight-{tag}", **kw))
+    failing = make_job(tmp, base, data, name=f"resumed-{tag}", **kw)
     failing.test_hooks = {"_fail_once_at_step": 4}
     with pytest.raises(RuntimeError, match="injected failure after the checkpoint of step 4"):
         run_training_local(failing)

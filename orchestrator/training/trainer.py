@@ -44,6 +44,7 @@ from orchestrator.training.export import apply_lora, save_hf_folder, write_json_
 from orchestrator.training.job import TrainJob
 from orchestrator.training.loss import Normalizer, TokenLossModel, objective_for_batch, step_counts
 from orchestrator.training.mlflow_logging import TrainingCurves, training_params
+from orchestrator.training.rng_state import load_rng_state, save_rng_state
 from orchestrator.training.strategy import Strategy
 
 STATE_FILE = "trainer_state.json"
@@ -200,6 +201,7 @@ class Trainer:
                                    f"workers, this run has {self.ctx.world_size}: ZeRO shards "
                                    "do not re-split")
             self.strategy.load(ckpt_dir)
+            load_rng_state(ckpt_dir, self.ctx.rank)
             self.state, self.resumed_from = saved, saved.step
 
     # ------------------------------------------------------------------ training
@@ -337,6 +339,7 @@ class Trainer:
         """Engine shards + trainer state, reported with `metrics` (collective)."""
         with tempfile.TemporaryDirectory(prefix="lethe-ckpt-") as tmp:
             self.strategy.save(Path(tmp))
+            save_rng_state(Path(tmp), self.ctx.rank)
             if self.strategy.is_rank_0():
                 write_json_atomic(Path(tmp) / STATE_FILE, asdict(self.state))
             self.ctx.report(metrics, Path(tmp), self.state.step)
