@@ -72,10 +72,14 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def _no_alive_actor(class_name: str, timeout: float = 60.0) -> None:
     """Ray kills a dead driver's actors; wait until it has (its in-flight block included)."""
+    import ray
     from ray.util.state import list_actors
 
+    # This session's instance by address: another Ray on the machine must not be picked.
+    address = ray.get_runtime_context().gcs_address
     deadline = time.time() + timeout
-    while list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")]):
+    while list_actors(address=address,
+                      filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")]):
         assert time.time() < deadline, f"{class_name} actors outlived their driver"
         time.sleep(0.5)
 

@@ -251,7 +251,7 @@ def scripted_lm_eval(monkeypatch):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
     monkeypatch.setattr(runner, "build_task_manager", lambda tasks, include: None)
-    monkeypatch.setattr(runner, "load_hf_lm", lambda model_dir, cfg, device: (object(), {
+    monkeypatch.setattr(runner, "load_hf_lm", lambda model_dir, cfg, device, revision=None: (object(), {
         "pretrained": model_dir}))
     return calls
 

@@ -125,7 +125,7 @@ def test_failed_evaluation_keeps_and_logs_finished_models(tmp_path, monkeypatch,
 
     cfg = config_from_dict({**MINIMAL, "run_dir": str(tmp_path)})
 
-    def fake_labelled(cfg, wanted, synthetic):
+    def fake_labelled(cfg, wanted, synthetic, revisions=None):
         failed = EvaluationFailed({"m/forget/s0": "OSError: model.safetensors truncated"},
                                   {"m/sft/s0": {"task": {"acc": 0.5}}})
         failed.dirs = {"m/sft/s0": tmp_path / "eval-sft"}
@@ -297,7 +297,7 @@ def test_eval_stages_are_locked_stored_and_released(tmp_path, monkeypatch):
     cfg = config_from_dict({**MINIMAL, "run_dir": str(tmp_path)})
     calls = []
 
-    def fake_many(todo, ev_cfg, include, timings=None):
+    def fake_many(todo, ev_cfg, include, timings=None, revisions=None):
         calls.append(sorted(todo))
         if "m/bad/s0" in todo:
             raise EvaluationFailed({"m/bad/s0": "RuntimeError: boom"},

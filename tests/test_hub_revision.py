@@ -103,3 +103,58 @@ def test_local_folder_is_not_resolved(tmp_path, monkeypatch):
     out = base_stage(cfg, cfg.models[0], "unused", None)
     summary = json.loads((out.dir / "_SUCCESS.json").read_text())
     assert summary["model_path"] == str(folder) and "revision" not in summary
+
+
+def test_later_stages_load_the_pinned_commit(tmp_path, monkeypatch):
+    """After the base stage recorded the commit, the reference / training spec, the scorer and
+    the base model's evaluation all ask for that commit, not the moving branch."""
+    from huggingface_hub import constants
+
+    from orchestrator.pipeline import evaluate_stage
+    from orchestrator.pipeline import stages as S
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_fake_cache(tmp_path / "hub")))
+    raw = json.loads(json.dumps(TINY))
+    raw["run_dir"] = str(tmp_path / "runs")
+    raw["models"] = [{"name": "hub-model", "family": "llama", "pretrained": "org/tiny",
+                      "revision": "main"}]
+    cfg = ExperimentConfig.model_validate(raw)
+    spec = cfg.models[0]
+    base = S.base_stage(cfg, spec, "unused", None)
+
+    assert S.base_revision(base) == SHA_MAIN
+    assert S.pinned_spec(spec, base).revision == SHA_MAIN  # reference and training jobs
+    assert S._spec_of(base).revision == SHA_MAIN  # tokenizer and scorer settings
+
+    # The evaluation of the base model: the commit reaches lm-eval and the eval stage's key.
+    seen = {}
+
+    def fake_many(todo, ev_cfg, include, timings=None, revisions=None):
+        seen.update(revisions or {})
+        return {label: {"t": {"acc": 0.5}} for label in todo}
+
+    monkeypatch.setattr("orchestrator.evaluation.evaluate_many", fake_many)
+    outcome = SimpleNamespace(spec=spec, base_model="org/tiny", base_revision=SHA_MAIN, models={})
+    track = SimpleNamespace(log_eval=lambda *a, **k: None)
+    evaluate_stage.evaluate_outcomes(cfg, [outcome], None, track)
+    assert seen == {"hub-model/base/-": SHA_MAIN}
+    inputs = [json.loads(p.read_text()) for p in (S.stages_root(cfg) / "eval").glob("*/inputs.json")]
+    assert [i.get("revision") for i in inputs] == [SHA_MAIN]
+
+
+def test_load_model_pins_a_hub_id_but_not_a_local_folder(tmp_path, monkeypatch):
+    asked = []
+
+    def from_pretrained(path, **kwargs):
+        asked.append((str(path), kwargs.get("revision")))
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(loading.AutoConfig, "from_pretrained", from_pretrained)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for path in ("org/tiny", str(folder)):
+        with pytest.raises(RuntimeError, match="stop"):
+            loading.load_model(path, revision=SHA_MAIN)
+    assert asked == [("org/tiny", SHA_MAIN), (str(folder), None)]

@@ -50,9 +50,11 @@ class KillOneWorkerAfterCheckpoint:
         if (checkpoint is None or f"checkpoint_{self.job}_" not in Path(checkpoint.path).name
                 or Path(self.record).exists()):
             return
+        import ray
         from ray.util.state import list_actors
 
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+        workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                              filters=[("class_name", "=", "RayTrainWorker"),
                                        ("state", "=", "ALIVE")], detail=True)
         pid = max(int(a["pid"]) for a in workers)
         Path(self.record).write_text(json.dumps({"pid": pid, "step": metrics[0]["step"],

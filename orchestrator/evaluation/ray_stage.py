@@ -20,7 +20,8 @@ from orchestrator.evaluation.runner import evaluate_model
 
 
 def _evaluate_batch_body(model_dirs: dict[str, str], cfg_dict: dict,
-                         include_path: str | None) -> dict[str, dict]:
+                         include_path: str | None,
+                         revisions: dict[str, str] | None = None) -> dict[str, dict]:
     """{name: model_dir} -> {name: {"metrics": ...} or {"error": "..."}}: one failing model
     does not lose the others' results."""
     # The config travels as a plain dict: pydantic models pickle fine, but a dict keeps the
@@ -32,7 +33,9 @@ def _evaluate_batch_body(model_dirs: dict[str, str], cfg_dict: dict,
         timing: dict[str, float] = {}
         try:
             out[name] = {"metrics": evaluate_model(path, cfg, include_path, device=device,
-                                                   timing=timing), "timing": timing}
+                                                   timing=timing,
+                                                   revision=(revisions or {}).get(name)),
+                         "timing": timing}
         except Exception as exc:  # noqa: BLE001 - reported per model by the caller
             out[name] = {"error": f"{type(exc).__name__}: {exc}",
                          "traceback": traceback.format_exc(limit=5)}
@@ -55,12 +58,14 @@ def split_round_robin(names: list[str], k: int) -> list[list[str]]:
 
 def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
                   include_path: str | None,
-                  timings: dict[str, dict[str, float]] | None = None) -> dict[str, dict]:
+                  timings: dict[str, dict[str, float]] | None = None,
+                  revisions: dict[str, str] | None = None) -> dict[str, dict]:
     """{name: model_dir} -> {name: {task: {metric: value}}}, models spread over Ray tasks.
 
     Uses the running Ray instance (or starts a local one, as `ray.remote` does).
     A failing model raises here with its name, after the others finished. `timings`, when
-    given, receives each evaluated model's wall-clock stamps (start, loaded, evaluated).
+    given, receives each evaluated model's wall-clock stamps (start, loaded, evaluated);
+    `revisions` pins hub ids among the models to commits.
     """
     import ray
 
@@ -69,7 +74,8 @@ def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
     )
     cfg_dict = cfg.model_dump(mode="json")
     k = parallel_tasks(cfg, len(model_dirs), ray.cluster_resources())
-    refs = [remote_fn.remote({n: model_dirs[n] for n in chunk}, cfg_dict, include_path)
+    refs = [remote_fn.remote({n: model_dirs[n] for n in chunk}, cfg_dict, include_path,
+                             {n: revisions[n] for n in chunk if n in (revisions or {})})
             for chunk in split_round_robin(sorted(model_dirs), k)]
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}

@@ -156,8 +156,9 @@ def build_task_manager(tasks: list[str], include_path: str | None):
     return TaskManager()
 
 
-def load_hf_lm(model_dir: str, cfg: EvaluateConfig, device: str):
-    """lm-eval's `hf` model built from a local folder, loaded once for all task groups."""
+def load_hf_lm(model_dir: str, cfg: EvaluateConfig, device: str, revision: str | None = None):
+    """lm-eval's `hf` model built from a local folder (or a hub id at `revision`), loaded
+    once for all task groups."""
     from lm_eval.api.registry import get_model
 
     from orchestrator.models import resolve_dtype  # one rule for `auto`, as for training
@@ -167,6 +168,8 @@ def load_hf_lm(model_dir: str, cfg: EvaluateConfig, device: str):
         "dtype": str(resolve_dtype(cfg.dtype, device)).removeprefix("torch."),
         "trust_remote_code": False,
     }
+    if revision is not None:
+        model_args["revision"] = revision
     return get_model("hf").create_from_arg_obj(
         model_args, {"batch_size": cfg.batch_size, "device": device}
     ), model_args
@@ -225,12 +228,14 @@ def check_eval_device(cfg: EvaluateConfig, device: str) -> None:
 
 def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None,
                    device: str = "cpu", *, results_path: str | None = None,
-                   timing: dict[str, float] | None = None) -> dict:
+                   timing: dict[str, float] | None = None,
+                   revision: str | None = None) -> dict:
     """Run lm-eval on a saved HF model folder; return {task: {metric: value}}.
 
     The JSON results go to `results_path`, default `<model_dir>/eval_results.json` when
     model_dir is a local folder (a hub id has no folder to write beside). `timing`, when
-    given, receives wall-clock stamps: start, loaded (model ready), evaluated.
+    given, receives wall-clock stamps: start, loaded (model ready), evaluated. `revision`
+    pins a hub id to a commit.
     """
     import time
 
@@ -239,7 +244,7 @@ def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None
     include_path = include_path or cfg.include_path
     check_eval_device(cfg, device)
     with single_process_env():
-        lm, model_args = load_hf_lm(model_dir, cfg, device)
+        lm, model_args = load_hf_lm(model_dir, cfg, device, revision)
         stamps["loaded"] = time.time()
         raw = run_lm_eval(lm, cfg, include_path)
         stamps["evaluated"] = time.time()

@@ -43,6 +43,7 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    revision: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a local folder or hub id, checked against `spec.family` when given.
 
@@ -52,8 +53,10 @@ def load_model(
     (callers without a spec, e.g. the scorer, pass the configured one).
     """
     trust = trust_remote_code or (spec is not None and spec.trust_remote_code)
-    # The spec's revision pins its pretrained checkpoint, not other paths (e.g. a fine-tune).
-    revision = spec.revision if spec is not None and path_or_id == spec.pretrained else None
+    # The spec's revision pins its pretrained checkpoint, not other paths (e.g. a fine-tune);
+    # an explicit `revision` (the commit a hub id resolved to on first use) pins a hub id.
+    if revision is None or Path(path_or_id).exists():
+        revision = spec.revision if spec is not None and path_or_id == spec.pretrained else None
     extra = {"revision": revision} if revision else {}
     if Path(path_or_id).exists() and not (Path(path_or_id) / "config.json").is_file():
         raise FileNotFoundError(f"{path_or_id}: not a model folder (no config.json)")

@@ -45,15 +45,18 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
     Labels are `<model>/<method>/s<seed>` and `<model>/base/-`.
     """
     wanted: dict[str, str] = {}
+    revisions: dict[str, str] = {}  # base models that are hub ids, at their pinned commit
     for o in outcomes:
         if cfg.evaluate.evaluate_base and o.base_model:
             wanted[str(RunLabel(o.spec.name, "base"))] = o.base_model
+            if getattr(o, "base_revision", None):
+                revisions[str(RunLabel(o.spec.name, "base"))] = o.base_revision
         for (method, seed), model_dir in sorted(o.models.items()):
             wanted[str(RunLabel(o.spec.name, method, seed))] = model_dir
     from orchestrator.evaluation.ray_stage import EvaluationFailed
 
     try:
-        results, dirs = evaluate_labelled(cfg, wanted, synthetic)
+        results, dirs = evaluate_labelled(cfg, wanted, synthetic, revisions=revisions)
     except EvaluationFailed as failed:
         # The finished models still reach tracking; which models failed, and why, is written
         # beside the run (and is the error's message).
@@ -67,7 +70,8 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
 
 
 def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: S.StageOut | None,
-                      in_process: bool = False) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+                      in_process: bool = False, revisions: dict[str, str] | None = None,
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
     """{label: model dir} -> ({label: metrics}, {label: eval stage dir}); cached per model,
     the uncached ones evaluated in parallel Ray tasks, or here with `in_process` (a Tune
     trial: its placement group has no room for extra tasks)."""
@@ -83,9 +87,13 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
         tasks_key: Any = path_fingerprint(include)
     else:
         tasks_key = synthetic.key if synthetic is not None else include
-    stages = {label: Stage(S.stages_root(cfg), "eval", {"model": path, "evaluate": ev,
-                                                         "tasks": tasks_key})
-              for label, path in wanted.items()}
+    revisions = revisions or {}
+    # A pinned hub commit is part of what is evaluated (absent for local folders: their
+    # keys are unchanged).
+    stages = {label: Stage(S.stages_root(cfg), "eval", {
+        "model": path, "evaluate": ev, "tasks": tasks_key,
+        **({"revision": revisions[label]} if label in revisions else {})})
+        for label, path in wanted.items()}
     # open(): each model's eval stage is locked for this run, so a second run on the same
     # config waits for it and then finds it done instead of evaluating it again.
     todo = {label: wanted[label] for label, st in stages.items() if not st.open()}
@@ -97,14 +105,16 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
             # As configured, not as visible: the runner fails clearly when GPUs were asked
             # for and none is there.
             device = "cuda" if cfg.evaluate.num_gpus > 0 else "cpu"
-            fresh = {label: evaluate_model(path, cfg.evaluate, include, device=device)
+            fresh = {label: evaluate_model(path, cfg.evaluate, include, device=device,
+                                           revision=revisions.get(label))
                      for label, path in todo.items()}
         else:
             from orchestrator.evaluation.ray_stage import EvaluationFailed
 
             timings: dict[str, dict[str, float]] = {}
             try:
-                fresh = evaluate_many(todo, cfg.evaluate, include, timings)
+                fresh = evaluate_many(todo, cfg.evaluate, include, timings,
+                                      {k: v for k, v in revisions.items() if k in todo})
                 _add_to_timeline(timings)
             except EvaluationFailed as failed:
                 _add_to_timeline(timings)

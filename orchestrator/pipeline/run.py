@@ -43,6 +43,7 @@ class ModelOutcome:
     models: dict[tuple[str, int], str] = field(default_factory=dict)
     train_metrics: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     base_model: str = ""
+    base_revision: str | None = None  # the commit a hub id resolved to (base stage)
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -138,6 +139,7 @@ def _family_stages(cfg: ExperimentConfig, spec: ModelSpec, src: Source, until: U
     tl, name = timeline.current(), spec.name
     up = upstream(cfg, spec, until, src=src, track=track, slots=slots, session=session)
     out.base_model = up.base_model
+    out.base_revision = S.base_revision(up.base)
     if up.scores is None or until == "score":  # `until` stops before the partition
         return out
     tokens, scores, base, valid = up.tokens, up.scores, up.base, up.valid

@@ -233,8 +233,23 @@ def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ide
 
 
 def _spec_of(base: StageOut) -> ModelSpec:
+    """The base stage's model spec, pinned to the commit its hub id resolved to."""
     inputs = json.loads((base.dir / "inputs.json").read_text())
-    return ModelSpec.model_validate(inputs["spec"])
+    return pinned_spec(ModelSpec.model_validate(inputs["spec"]), base)
+
+
+def base_revision(base: StageOut) -> str | None:
+    """The commit a hub model id resolved to when its base stage ran (None for a local
+    folder, a GGUF file or a model built from config)."""
+    return stage_summary(base).get("revision")
+
+
+def pinned_spec(spec: ModelSpec, base: StageOut) -> ModelSpec:
+    """`spec` with its hub revision pinned to what the base stage recorded: the reference,
+    the trainings, the scorer and the evaluation then load the same commit, even after the
+    hub's branch has moved."""
+    revision = base_revision(base)
+    return spec if revision is None else spec.model_copy(update={"revision": revision})
 
 
 # ----------------------------------------------------------------------------- training
@@ -293,8 +308,9 @@ def reference_stage(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, toke
                                  f"{n_clean} clean of {n_pool}; lower reference.subset_fraction")
             subset = SubsetSpec(size=size, seed=ref.seed)
         _train_into(
-            st, session, train_path=train_path, base_model_path=model_path(base),
-            model=spec, train=train, method="sft", class_column="response_mask",
+            st, session=session, train_path=train_path, base_model_path=model_path(base),
+            model=pinned_spec(spec, base), train=train, method="sft",
+            class_column="response_mask",
             run_name=f"reference-{st.key}", subset=subset,
             validation_path=str(valid.dir / "tokens.parquet") if valid else None,
             mlflow=mlflow_target,
@@ -315,7 +331,8 @@ def score_stage(cfg: ExperimentConfig, base: StageOut, reference: StageOut,
         out = run_scoring(tokens.dir / "tokens.parquet", model_path(base), model_path(reference),
                           cfg.scoring, st.dir / "scores",
                           trust_remote_code=_spec_of(base).trust_remote_code,
-                          attn_implementation=_spec_of(base).attn_implementation)
+                          attn_implementation=_spec_of(base).attn_implementation,
+                          base_revision=base_revision(base))
         st.mark_done({"scores_path": str(out)})
     return StageOut(st.key, st.dir, cached)
 
@@ -395,7 +412,8 @@ def train_stages(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, valid: 
             continue
         jobs.append(TrainJob(
             output_dir=str(st.dir / "run"), storage_path=str(st.dir / "ray"),
-            train_path=str(parquet), base_model_path=model_path(base), model=spec,
+            train_path=str(parquet), base_model_path=model_path(base),
+            model=pinned_spec(spec, base),
             train=cfg.train.model_copy(update=updates), method=req.method,
             class_column="response_mask" if req.method == "sft" else "token_class",
             run_name=f"{spec.name}-{req.method}-s{req.seed}-{st.key}",

@@ -112,6 +112,7 @@ class TokenScorer:
         packing: bool = False,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        base_revision: str | None = None,
     ) -> None:
         # None = whatever is there. A caller whose config asks for GPUs passes "cuda", and
         # load_model then fails clearly when none is visible instead of scoring on CPU.
@@ -119,7 +120,7 @@ class TokenScorer:
         torch_dtype = resolve_dtype(dtype, device)
         kw = {"dtype": torch_dtype, "device": device, "trust_remote_code": trust_remote_code,
               "attn_implementation": attn_implementation}
-        base = load_model(base_path, **kw)
+        base = load_model(base_path, revision=base_revision, **kw)  # a hub id's pinned commit
         ref = load_model(ref_path, **kw)
         self._setup(base, ref, token_budget=token_budget, chunk_size=chunk_size, packing=packing)
 

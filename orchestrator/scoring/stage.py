@@ -143,14 +143,15 @@ def scheduling_strategy(cfg: ScoringConfig) -> str:
 
 
 def _scorer_kwargs(base_path: str, ref_path: str, cfg: ScoringConfig, trust_remote_code: bool,
-                   attn_implementation: str | None = None) -> dict:
+                   attn_implementation: str | None = None,
+                   base_revision: str | None = None) -> dict:
     # The device follows the config, never what happens to be visible: an actor that asked
     # for GPUs fails clearly without one, and a CPU actor on a GPU node leaves the GPUs alone.
     return {"base_path": str(base_path), "ref_path": str(ref_path), "dtype": cfg.dtype,
             "device": "cuda" if cfg.num_gpus_per_actor > 0 else "cpu",
             "token_budget": cfg.token_budget, "chunk_size": cfg.chunk_size,
             "packing": cfg.packing, "trust_remote_code": trust_remote_code,
-            "attn_implementation": attn_implementation}
+            "attn_implementation": attn_implementation, "base_revision": base_revision}
 
 
 def _staged_reads(ray, layout: CorpusLayout, plan: BlockPlan, todo: list[int],
@@ -205,6 +206,7 @@ def run_scoring(
     block_rows: int = 2048,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    base_revision: str | None = None,
 ) -> Path:
     """Score every sample of tokens.parquet with both models; returns `out_dir`.
 
@@ -234,7 +236,8 @@ def run_scoring(
         remote = ray.remote(BlockScorer).options(num_cpus=cfg.num_cpus_per_actor,
                                                  num_gpus=cfg.num_gpus_per_actor or None,
                                                  scheduling_strategy=scheduling_strategy(cfg))
-        kwargs = _scorer_kwargs(base_path, ref_path, cfg, trust_remote_code, attn_implementation)
+        kwargs = _scorer_kwargs(base_path, ref_path, cfg, trust_remote_code, attn_implementation,
+                                base_revision)
         actors = [remote.remote(str(out_dir), cfg.batch_size, **kwargs)
                   for _ in range(min(cfg.num_actors, len(todo)))]
         try:
