@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_support import make_base, make_corpus, make_job
+from test_training_support import exported_weights, make_base, make_corpus, make_job
 
 from orchestrator.training import run_training_local, run_trainings
 from orchestrator.training.loop import FAIL_MARKER
@@ -22,10 +22,6 @@ from orchestrator.training.loop import FAIL_MARKER
 COMMON = {"num_workers": 1, "micro_batch_size": 8, "grad_accum_steps": 1, "epochs": 2.0,
           "lr": 1e-2, "warmup_ratio": 0.0, "deepspeed": None, "checkpoint_every": 4,
           "max_failures": 1, "lambda": {"t_max": 0.5}}
-
-
-def _weights(result) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(result.export_dir) / "model.safetensors"))
 
 
 @pytest.mark.ray
@@ -56,7 +52,7 @@ def test_jobs_share_one_worker_group_and_resume_after_a_failure(ray_local, tmp_p
                                             name=f"a-{m}", **COMMON))
              for m in ("sft", "forget")}
     for grouped, method in ((r_sft, "sft"), (r_forget, "forget")):
-        a, b = _weights(grouped), _weights(alone[method])
+        a, b = exported_weights(grouped), exported_weights(alone[method])
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{method}: {k}")

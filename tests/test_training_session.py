@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_training_support import make_base, make_corpus, make_job
+from test_training_support import exported_weights, make_base, make_corpus, make_job
 
 from orchestrator.training import run_training_local
 from orchestrator.training.loop import FAIL_MARKER
@@ -21,10 +20,6 @@ from orchestrator.training.session import JobFeed, TrainingSession, session_name
 COMMON = {"num_workers": 1, "micro_batch_size": 8, "grad_accum_steps": 1, "epochs": 1.0,
           "lr": 1e-2, "warmup_ratio": 0.0, "deepspeed": None, "checkpoint_every": 2,
           "max_failures": 1, "lambda": {"t_max": 0.5}}
-
-
-def _weights(result) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(result.export_dir) / "model.safetensors"))
 
 
 def test_feed_is_read_by_index_and_ends_when_closed():
@@ -79,7 +74,7 @@ def test_one_run_serves_jobs_fed_over_time_and_resumes_after_a_failure(ray_local
         alone = run_training_local(make_job(tmp_path / "alone", base, data, method=job.method,
                                             name=f"a-{job.method}", seed=job.train_config().seed,
                                             **COMMON))
-        a, b = _weights(got), _weights(alone)
+        a, b = exported_weights(got), exported_weights(alone)
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{job.method}: {k}")

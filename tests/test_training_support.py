@@ -87,6 +87,13 @@ def make_job(tmp: Path, base: str, data: Path, *, method: str = "sft", name: str
                     storage_path=str(tmp / name / "ray"))
 
 
+def exported_weights(result) -> dict[str, torch.Tensor]:
+    """The weights a training result exported (model.safetensors of its HF folder)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(result.export_dir) / "model.safetensors"))
+
+
 def mean_ce_by_class(model_dir: str, data: Path) -> dict[int, float]:
     """Mean next-token CE of an exported model over class +1 and class -1 tokens."""
     from orchestrator.models import load_model, token_losses

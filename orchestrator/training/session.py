@@ -22,7 +22,6 @@ and on GPUs those are the devices scoring needs (one GPU would deadlock).
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -153,6 +152,8 @@ class TrainingSession:
     # ---------------------------------------------------------------- internals
 
     def _start(self, train: TrainConfig) -> None:
+        from orchestrator.training.stage import worker_group_shape
+
         key = worker_group_shape(train)
         if self._group is not None:
             if key != self._group:
@@ -169,31 +170,12 @@ class TrainingSession:
         self._thread.start()
 
     def _fit(self) -> None:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+        from orchestrator.training.stage import make_trainer
 
-        from orchestrator.training.loop import train_loop_per_worker
-        from orchestrator.training.stage import placement_strategy
-
-        train = self._train
-        assert train is not None
-        resources = {"CPU": train.cpus_per_worker}
-        if train.use_gpu:
-            resources["GPU"] = train.gpus_per_worker or 1.0
+        assert self._train is not None
         try:
-            TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={"feed": self._feed},
-                scaling_config=ScalingConfig(num_workers=train.num_workers,
-                                             use_gpu=train.use_gpu,
-                                             resources_per_worker=resources,
-                                             placement_strategy=placement_strategy(train)),
-                run_config=RunConfig(
-                    name=self.run_name, storage_path=self.storage_path,
-                    failure_config=FailureConfig(max_failures=train.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=2),
-                ),
-            ).fit()
+            make_trainer(self._train, {"feed": self._feed}, self.run_name,
+                         self.storage_path).fit()
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting driver threads
             self._error = exc
 
@@ -210,22 +192,11 @@ class TrainingSession:
         """What `run_trainings` adds to a job's metrics: the plan and the run's start-up.
         A prestarted run's start-up counts from when its first job was fed: before that it
         overlapped other work (the base build), which is the point of prestarting."""
-        from orchestrator.training.export import write_json_atomic
+        from orchestrator.training.stage import annotate_metrics
 
         assert self.started_at is not None
-        path = Path(job.output_dir) / "metrics.json"
-        metrics = json.loads(path.read_text())
-        metrics.update(planned_steps=planned, run_started_at=max(self.started_at, fed_at),
-                       run_jobs=self.jobs_fed, run_first_job=first, run_session=self.run_name)
-        write_json_atomic(path, metrics)
-
-
-def worker_group_shape(train: TrainConfig) -> tuple:
-    """What a job asks of its worker group (jobs of one session must agree on it)."""
-    from orchestrator.training.stage import placement_strategy
-
-    return (train.num_workers, train.use_gpu, train.cpus_per_worker, train.gpus_per_worker,
-            train.max_failures, placement_strategy(train))
+        annotate_metrics(job, planned_steps=planned, run_started_at=max(self.started_at, fed_at),
+                         run_jobs=self.jobs_fed, run_first_job=first, run_session=self.run_name)
 
 
 def session_name(family: str, *keys: str) -> str:

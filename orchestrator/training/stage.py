@@ -76,11 +76,50 @@ def placement_strategy(train: Any, override: str | None = None) -> str:
     return value
 
 
+def worker_group_shape(train: Any) -> tuple:
+    """What a job asks of its worker group: jobs can share one group (one run, a session)
+    when they ask for the same."""
+    return (train.num_workers, train.use_gpu, train.cpus_per_worker, train.gpus_per_worker,
+            train.max_failures, placement_strategy(train))
+
+
 def _group_key(job: TrainJob) -> tuple:
-    """Jobs can share one worker group when they ask for the same workers."""
-    t = job.train_config()
-    return (t.num_workers, t.use_gpu, t.cpus_per_worker, t.gpus_per_worker, t.max_failures,
-            placement_strategy(t))
+    return worker_group_shape(job.train_config())
+
+
+def make_trainer(train: Any, loop_config: dict[str, Any], run_name: str, storage_path: str,
+                 placement: str | None = None, callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer of one run: `train`'s worker group around the plain loop (a fixed
+    job list for `run_trainings`, a job feed for a training session)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker or 1.0
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=placement_strategy(train, placement)),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def annotate_metrics(job: TrainJob, **fields: Any) -> None:
+    """Add what the driver knows (plan, the run's start, its job count) to a job's
+    metrics.json, which rank 0 wrote after the export."""
+    path = Path(job.output_dir) / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics.update(fields)
+    write_json_atomic(path, metrics)
 
 
 def run_training(job: TrainJob) -> TrainResult:
@@ -117,9 +156,6 @@ def run_trainings(jobs: list[TrainJob], run_name: str | None = None,
 
 def _fit(jobs: list[TrainJob], run_name: str, storage_path: str,
          placement: str | None = None) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     train = jobs[0].train_config()
     for job in jobs:
         if not Path(job.train_path).exists():
@@ -127,24 +163,8 @@ def _fit(jobs: list[TrainJob], run_name: str, storage_path: str,
     # One read of each job's sample ids: the subset resolved here serves the plan and workers.
     configs = [loop_config(j, "ray") for j in jobs]
     planned = {j.run_name: _planned(j, c) for j, c in zip(jobs, configs, strict=True)}
-    resources = {"CPU": train.cpus_per_worker}
-    if train.use_gpu:
-        resources["GPU"] = train.gpus_per_worker or 1.0
-    callbacks = [cb for j in jobs for cb in j.callbacks]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"jobs": configs},
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=resources,
-                                     placement_strategy=placement_strategy(train, placement)),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(Path(storage_path).resolve()),
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or None,
-        ),
-    )
+    trainer = make_trainer(train, {"jobs": configs}, run_name, storage_path, placement,
+                           [cb for j in jobs for cb in j.callbacks])
     started = time.time()
     result = trainer.fit()
     for job in jobs:
@@ -152,12 +172,9 @@ def _fit(jobs: list[TrainJob], run_name: str, storage_path: str,
         if not metrics_path.is_file():
             raise RuntimeError(f"training run {run_name} ended without {metrics_path} "
                                f"(Ray result error: {getattr(result, 'error', None)})")
-        metrics = json.loads(metrics_path.read_text())
-        metrics["planned_steps"] = planned[job.run_name]
-        metrics["run_started_at"] = started  # the worker group's start: its start-up cost
-        metrics["run_jobs"] = len(jobs)
-        metrics["run_first_job"] = job is jobs[0]
-        write_json_atomic(metrics_path, metrics)
+        # run_started_at: the worker group's start, its start-up cost
+        annotate_metrics(job, planned_steps=planned[job.run_name], run_started_at=started,
+                         run_jobs=len(jobs), run_first_job=job is jobs[0])
 
 
 def _collect(job: TrainJob) -> TrainResult:
