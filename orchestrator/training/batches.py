@@ -28,13 +28,23 @@ class MicroBatchStream:
             self._epoch, self._order = epoch, self.plan.epoch_order(epoch, self.seed)
         return self._order
 
-    def for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def step_rows(self, step: int) -> list[np.ndarray]:
+        """Row indices (into this rank's shard) of each micro-batch of optimizer step `step`."""
         gas = self.plan.grad_accum
         out = []
         for k in range(step * gas, (step + 1) * gas):
             epoch, position = self.plan.locate(k)
-            pairs = [self.rows.row(i)
-                     for i in self.plan.micro_batch_rows(self._order_of(epoch), position)]
+            out.append(self.plan.micro_batch_rows(self._order_of(epoch), position))
+        return out
+
+    def sample_ids(self, step: int) -> list[list[int]]:
+        """The sample_ids step `step` trains on, per micro-batch (what a resume must repeat)."""
+        return [self.rows.sample_ids[idx].tolist() for idx in self.step_rows(step)]
+
+    def for_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for idx in self.step_rows(step):
+            pairs = [self.rows.row(i) for i in idx]
             out.append(collate([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id))
         return out
 
