@@ -53,6 +53,12 @@ class DataConfig(Strict):
     """jsonl / json / parquet file, or a datasets name / directory (not for synthetic)."""
     split: str = "train"
     """The dataset split to read (hf sources)."""
+    revision: str | None = Field(default=None, max_length=255,
+                                 pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    """Hub revision of a `datasets` name (source hf): a branch, tag or 40-hex commit; None =
+    the default branch. Resolved to its commit on first use and recorded in the run
+    directory (stage "dataset"), so later runs load that commit even after the branch moves.
+    Not for local files or folders, which are keyed by their content."""
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
     """Row layout: chat `messages`, `prompt` / `completion` pairs, or detected per row."""
     chat_template: Literal["paper", "tokenizer"] = "paper"
@@ -79,6 +85,11 @@ class DataConfig(Strict):
     def _path_needed(self) -> DataConfig:
         if self.source != "synthetic" and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.revision is not None and ".." in self.revision:  # a git ref never holds ".."
+            raise ValueError(f"data.revision={self.revision!r}: not a branch, tag or commit name")
+        if self.revision is not None and self.source != "hf":
+            raise ValueError(f"data.revision={self.revision!r} applies to data.source 'hf' (a "
+                             f"hub dataset), not '{self.source}': local data is keyed by content")
         return self
 
 

@@ -8,11 +8,17 @@ so are the rows of a Parquet row group that cannot be decoded. A file that canno
 at all (a Parquet footer, a JSON document) is a DataError naming the file.
 Everything is local: `datasets` runs offline here (HF_DATASETS_OFFLINE is set by callers
 that must not download).
+
+A hub dataset pinned to a commit travels as `hf://datasets/<repo id>@<commit>` (the notation
+of huggingface_hub's file system; `hub_ref`): every reader of that rows path (the tokenizer
+corpus, the tokens stage, the sample stage's selection files) then loads that commit.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +28,9 @@ from orchestrator.config import DataConfig
 from orchestrator.data.errors import DataError, RowRejected
 
 _DATASETS_DIR_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+HUB_PREFIX = "hf://datasets/"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
 def _read_line(fh: Any, limit: int) -> tuple[bytes, int]:
@@ -123,7 +132,63 @@ def _iter_parquet(path: Path) -> Iterator[Any]:
         first_row += n
 
 
-def _load_hf(path: str, split: str) -> Any:
+def hub_ref(repo_id: str, revision: str | None) -> str:
+    """The rows path of hub dataset `repo_id` at `revision`: `hf://datasets/<id>@<rev>`
+    (`hf://datasets/<id>` for the default branch)."""
+    return f"{HUB_PREFIX}{repo_id}@{revision}" if revision else f"{HUB_PREFIX}{repo_id}"
+
+
+def split_hub_ref(path: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(dataset name, revision) of a rows path: a `hub_ref` carries its own revision, any
+    other name gets `revision` (the config's, None = the default branch)."""
+    if path.startswith(HUB_PREFIX):
+        repo_id, _, rev = path[len(HUB_PREFIX):].partition("@")
+        return repo_id, rev or None
+    return path, revision
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def resolve_dataset_revision(repo_id: str, revision: str | None = None, *,
+                             cache_dir: str | Path | None = None) -> str | None:
+    """The commit hub dataset `repo_id` resolves to now (`revision`: a branch, tag or
+    commit; None = the default branch).
+
+    A 40-hex commit is returned as it is. Otherwise the local Hugging Face cache is asked
+    first (`datasets--<org>--<name>/refs/<revision>` holds the commit the last download
+    used: works offline, and is what an offline `load_dataset` would read); then, unless
+    HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set, the hub. None when neither knows it.
+    """
+    if _COMMIT.match(revision or ""):
+        return revision
+    if not _REPO_ID.match(repo_id) or ".." in repo_id:
+        return None  # not a hub id (the refs path below must stay inside the cache)
+    if cache_dir is None:
+        from huggingface_hub import constants
+
+        cache_dir = constants.HF_HUB_CACHE
+    ref = Path(cache_dir) / ("datasets--" + repo_id.replace("/", "--")) / "refs" / (revision or "main")
+    try:
+        cached = ref.read_text().strip()
+    except OSError:
+        cached = ""
+    if _COMMIT.match(cached):
+        return cached
+    if _hub_offline():
+        return None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision).sha
+    except (HfHubHTTPError, OSError, ValueError):
+        return None
+
+
+def _load_hf(path: str, split: str, revision: str | None = None) -> Any:
     import datasets
 
     local = Path(path)
@@ -134,14 +199,16 @@ def _load_hf(path: str, split: str) -> Any:
                 raise DataError(f"{path}: split {split!r} not found; available: {sorted(ds)}")
             ds = ds[split]
         return ds
+    name, revision = split_hub_ref(path, revision)
+    at = f" at revision {revision}" if revision else ""
     try:
-        return datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(name, split=split, revision=revision)
     except Exception as exc:  # datasets raises many types; report them under our name
-        raise DataError(f"could not load dataset {path!r} (split {split!r}): {exc}") from exc
+        raise DataError(f"could not load dataset {name!r}{at} (split {split!r}): {exc}") from exc
 
 
-def _iter_hf(path: str, split: str) -> Iterator[Any]:
-    ds = _load_hf(path, split)
+def _iter_hf(path: str, split: str, revision: str | None = None) -> Iterator[Any]:
+    ds = _load_hf(path, split, revision)
     for batch in ds.iter(batch_size=1024):
         keys = list(batch)
         n = len(batch[keys[0]]) if keys else 0
@@ -157,6 +224,8 @@ def iter_path_rows(path: str | Path, split: str = "train",
 
     if sampling.is_selection(path):  # a sampled split (pipeline stage "sample")
         return (row for _, row in sampling.iter_selection(path, max_row_chars))
+    if str(path).startswith(HUB_PREFIX):  # a pinned hub dataset (its name may hold a dot)
+        return _iter_hf(str(path), split)
     p = Path(path)
     suffix = p.suffix.lower()
     if p.is_file():
@@ -187,7 +256,7 @@ def iter_source_rows(cfg: DataConfig, rows_path: str | None = None) -> Iterator[
         if cfg.source == "synthetic":
             raise DataError("data.source='synthetic': pass rows_path (the generated train.jsonl)")
         if cfg.source == "hf" and not Path(str(cfg.path)).is_file():
-            return _iter_hf(str(cfg.path), cfg.split)
+            return _iter_hf(str(cfg.path), cfg.split, cfg.revision)
         return iter_path_rows(str(cfg.path), cfg.split, limit)
 
     if cfg.limit is None:

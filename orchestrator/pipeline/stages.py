@@ -110,7 +110,22 @@ def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str,
         return train, str(out), {"synthetic": synthetic.key, "sample": st.key}
     path = d.path
     assert path is not None
-    ident = path_fingerprint(path) if Path(path).exists() else {"dataset": path, "split": d.split}
+    if Path(path).exists():
+        if d.revision is not None:
+            from orchestrator.data.errors import DataError
+
+            raise DataError(f"data.revision={d.revision!r}, but data.path {path!r} is local: "
+                            "local data is keyed by its content; remove data.revision")
+        ident: dict[str, Any] = path_fingerprint(path)
+    else:
+        ident = {"dataset": path, "split": d.split}
+        if d.source == "hf":  # a hub name: every reader of the rows path loads its commit
+            from orchestrator.data.loading import hub_ref
+
+            revision = dataset_revision(cfg) or d.revision  # a branch only when unresolved
+            if revision is not None:
+                ident["revision"] = revision
+            path = hub_ref(path, revision)
     if not vsize:
         return path, None, ident  # data.limit is sampled while tokenizing (loading.py)
     inputs = {"rows": ident, "split": d.split, "limit": d.limit, "limit_seed": d.limit_seed,
@@ -119,7 +134,7 @@ def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str,
     if not cached:
         from orchestrator.data.loading import iter_source_rows
 
-        whole = d.model_copy(update={"limit": None})
+        whole = d.model_copy(update={"limit": None, "path": path})
         report = sampling.materialize_split(
             lambda: (row for _, row in iter_source_rows(whole)),
             {"source": d.source, "path": path, "split": d.split}, st.dir, limit=d.limit,
@@ -127,6 +142,34 @@ def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str,
         st.mark_done({"report": report})
     return (str(st.dir / f"train{sampling.SELECTION_SUFFIX}"),
             str(st.dir / f"valid{sampling.SELECTION_SUFFIX}"), {"sample": st.key})
+
+
+def dataset_revision(cfg: ExperimentConfig) -> str | None:
+    """The commit hub dataset `data.path` (at `data.revision`) resolved to on first use in
+    this run directory, None when it cannot be resolved (offline and not in the local cache).
+
+    Recorded by a stage of its own ("dataset", keyed by the name and the requested revision,
+    the commit in its `_SUCCESS.json`) like a hub model's commit in its base stage: it must be
+    known before any data key is computed, the stage lock makes two runs starting at once
+    agree on one commit, and a later run finds the record instead of asking the hub again,
+    so a branch that moves changes nothing. An unresolved name is not recorded (a later run
+    that can reach the hub or the cache pins it; until then keys carry no commit).
+    """
+    d = cfg.data
+    st, cached = _open(cfg, "dataset", {"dataset": d.path, "revision": d.revision})
+    if cached:
+        return st.summary().get("revision") if st.done() else None  # (plan: looked up only)
+    from orchestrator.data.loading import resolve_dataset_revision
+
+    commit = resolve_dataset_revision(str(d.path), d.revision)
+    if commit is None:
+        st.release()
+        log.warning("hub dataset %r (revision %s) could not be resolved to a commit (offline and "
+                    "not in the local Hugging Face cache?): loaded unpinned", d.path,
+                    d.revision or "default branch")
+        return None
+    st.mark_done({"dataset": d.path, "requested": d.revision, "revision": commit})
+    return commit
 
 
 def base_inputs(cfg: ExperimentConfig, spec: ModelSpec, rows_ident: Any) -> dict[str, Any]:
@@ -215,6 +258,7 @@ def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ide
 
     data_cfg = cfg.data.model_dump(mode="json")
     data_cfg.pop("synthetic")
+    data_cfg.pop("revision")  # the commit it resolved to is in rows_ident (source_rows)
     if data_cfg.get("limit") is None:  # the sample's seed / strata mean nothing without a limit
         data_cfg.pop("limit_seed", None)
         data_cfg.pop("stratify_by", None)
