@@ -2,12 +2,14 @@
 sft + forget -> evaluate -> MLflow), submitted with `ray job submit` to a Ray head started
 here on 127.0.0.1 (stopped by PID); then, in this process on the shared Ray instance, the
 caching contract on that run's directory: a rerun finds every stage done (the job's keys
-are this process's keys), and a new rho re-partitions without re-scoring.
+are this process's keys), a new rho re-partitions without re-scoring, and a 2-trial Ray
+Tune sweep over lambda and rho reuses the run's reference and scores.
 
 The head runs with token authentication disabled for both ends (Ray 2.60 turns it on for
 local clusters by default) and every port chosen free, so it never collides with the test
-session's own local Ray instance. (One run serves both halves: a second full run in this
-process cost ~120 s on the 2-core machine and checked the same stages.)
+session's own local Ray instance. (One run serves all of it: a second full run in this
+process cost ~120 s on the 2-core machine and checked the same stages; the sweep computing
+its own reference and scores cost ~40 s more.)
 """
 
 from __future__ import annotations
@@ -80,10 +82,15 @@ def _ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+# Validation every 2 steps: the sweep below ranks its trials by intermediate val_loss reports,
+# and its reference and scores must be this run's (the key includes eval_every).
+RAW = dict(TINY, train=dict(TINY["train"], eval_every=2))
+
+
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    raw = dict(TINY, run_dir=str(root / "runs"))
+    raw = dict(RAW, run_dir=str(root / "runs"))
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -205,3 +212,60 @@ def test_inspect_reads_the_cached_chain(first_run, config_path, tmp_path):
     sid = int(pq.read_table(part / "partitioned.parquet", columns=["sample_id"])[0][0].as_py())
     text = inspect_sample_cli(cfg, "tiny-llama", sid, html_out=str(tmp_path / "s.html"))
     assert str(sid) in text and (tmp_path / "s.html").stat().st_size > 0
+
+
+def test_sweep_reuses_scores_and_tracks_every_trial(first_run, ray_local, config_path, capsys):
+    """Two trials (each costs a Ray Train run and an evaluation) become MLflow runs with
+    distinct hyperparameters, the best configuration loads as a valid config, and the trials
+    share the run's scores: nothing upstream of the partition runs again. Last in this file:
+    it adds partitions (one per trial rho) that the tests above do not expect."""
+    from orchestrator.tune.sweep import proposed_trials, run_sweep
+
+    raw = yaml.safe_load(config_path.read_text())
+    raw["train"] = dict(raw["train"], methods=["forget"])
+    raw["evaluate"] = dict(raw["evaluate"], evaluate_base=False)
+    raw["tune"] = {"num_samples": 2, "lambda_max": [0.05, 0.5], "rho": [0.5, 0.9],
+                   "grace_period": 2, "max_concurrent_trials": 1, "metric": "val_loss"}
+    path = config_path.parent / "tune.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    capsys.readouterr()
+
+    out = run_sweep(cfg)
+
+    rows = out["rows"]
+    assert len(rows) == 2 and not any(r["error"] for r in rows)
+    assert len({(r["lambda_max"], r["rho"]) for r in rows}) == 2
+    # The trials that ran are the seeded proposals: a rerun of this config runs the same.
+    assert sorted((r["lambda_max"], r["rho"]) for r in rows) == sorted(
+        (p["lambda_max"], p["rho"]) for p in proposed_trials(cfg))
+    assert all(0.05 <= r["lambda_max"] <= 0.5 and 0.5 <= r["rho"] <= 0.9 for r in rows)
+
+    best = load_config(out["best_config"])  # a ready, valid experiment config
+    assert best.partition.rho == pytest.approx(out["best"]["rho"])
+    assert best.train.lambda_.t_max == pytest.approx(out["best"]["lambda_max"])
+    assert best.train.methods == ["forget"]
+
+    printed = capsys.readouterr().out
+    for stage in ("base", "tokens", "reference", "scores"):  # the sweep's shared stages
+        assert re.search(rf"stage {stage} +\w+  cached", printed), stage
+        assert not re.search(rf"stage {stage} +\w+  running", printed), stage
+    stages = Path(cfg.run_dir) / cfg.name / "stages"
+    assert len(list((stages / "scores").glob("*/_SUCCESS.json"))) == 1  # scored once
+    rhos = sorted(json.loads((p.parent / "inputs.json").read_text())["partition"]["rho"]
+                  for p in (stages / "partition").glob("*/_SUCCESS.json"))
+    assert rhos == sorted([0.5, 0.7, *(r["rho"] for r in rows)])  # one per trial rho
+
+    runs = runs_frame(f"sqlite:///{cfg.run_dir}/{cfg.name}/mlflow.db", cfg.name)
+    trials = runs[runs.get("tags.trial_id").notna()]
+    assert len(trials) == 2
+    assert trials["tags.rho"].nunique() == 2 and trials["tags.lambda_max"].nunique() == 2
+    assert trials["params.train.lambda.t_max"].nunique() == 2  # logged by training's rank 0
+    # ASHA may stop weak trials before their training ends; the ones that finish are
+    # evaluated, the stopped ones are not.
+    finished = [r for r in rows if r["finished"]]
+    assert finished
+    evaluated = trials["metrics.eval/lethe_synth_mc/acc"].dropna()
+    assert len(evaluated) == len(finished) and evaluated.between(0.0, 1.0).all()
+    assert "lambda_max" in printed and "[lethe] best:" in printed  # the trial table
+    assert len(json.loads((Path(cfg.run_dir) / cfg.name / "sweep_trials.json").read_text())) == 2
