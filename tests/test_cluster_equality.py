@@ -1,113 +1,123 @@
-"""Two nodes give the single node's results (issue 11, item 2).
+"""The pipeline submitted with `ray job submit` to two nodes gives the one-node results
+(issue 11, item 2).
 
-On the two-node cluster of tests/test_cluster_two_nodes.py (a head and a second `ray start`
-node on 127.0.0.1, token auth, each with its own custom resource), a driver scores a tiny
-corpus with 2 scoring actors and trains one model with 2 Ray Train workers, both placed with
-SPREAD. Asserted from Ray's state API: the actors and the workers ran on two different
-nodes, and the workers' placement group had the SPREAD strategy. The same work on the
-session's one-node instance gives bit-equal scores (every block is scored by one actor with
-one thread, wherever it runs) and the same trained weights within tolerance (the gradient
-all-reduce now crosses nodes).
+`python -m jobs.submit ... -- python -m jobs.train --config ...` (the pipeline up to the
+trainings: synthetic data, base, tokens, reference, scores, partition, one forget training)
+runs on the two-node cluster of tests/two_node_cluster.py (a head and a second `ray start`
+node on 127.0.0.1, token auth, each with its own custom resource; shared with
+tests/test_cluster_two_nodes.py). The config asks for 2 scoring actors and 2 Ray Train
+workers with SPREAD placement; the corpus has more rows than one scoring block (2048), so
+both actors get a block. Asserted from the cluster's state API: the scoring actors ran on
+two different nodes, and so did the Train workers (the reference and the training share
+one worker group, whose two bundles sat on two nodes).
+
+Then the same config runs on the session's one-node instance, in this process, from the
+job's cached base, tokens and reference (the job's scores, partition and train stages and its
+training session's checkpoints are moved aside first, so those three are recomputed): the stage keys are the same, the scores
+are bit-equal (every block is scored by one actor with one thread, wherever it runs) and
+the trained weights equal within tolerance (the gradient all-reduce crossed nodes).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+import two_node_cluster
+import yaml
 from safetensors.torch import load_file
-from test_cluster_two_nodes import _env, _get, two_nodes  # noqa: F401  (the module fixture)
 from test_faults import _assert_same_table
-from test_scoring import _make_rows, _tiny_spec, _write_tokens
-from test_training_support import make_base, make_corpus, make_job
+from tiny_configs import TINY
+from two_node_cluster import ROOT, actors, api_get, cluster_env, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+# The session's one two-node cluster: started once for this module and
+# tests/test_cluster_two_nodes.py, stopped after the last test that uses it.
+two_nodes = two_node_cluster.two_nodes
 
-TRAIN = {"num_workers": 2, "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 1.0,
-         "lr": 1e-2, "warmup_ratio": 0.0, "deepspeed": None, "cpus_per_worker": 0.5,
-         "lambda": {"t_max": 0.5}}
-
-DRIVER = textwrap.dedent("""
-    import json, sys
-    import ray
-    from orchestrator.config import ScoringConfig
-    from orchestrator.scoring import run_scoring
-    from orchestrator.training import run_trainings
-    from orchestrator.training.job import TrainJob
-
-    address, tokens, base, ref, out, job = sys.argv[1:7]
-    ray.init(address=address)
-    cfg = ScoringConfig(num_actors=2, batch_size=8, token_budget=200)
-    run_scoring(tokens, base, ref, cfg, out, block_rows=8)
-    run_trainings([TrainJob.from_dict(json.loads(job))], placement="SPREAD")
-    groups = ray.util.placement_group_table().values()
-    print("LETHE_GROUPS " + json.dumps([[g["strategy"], len(g["bundles"])] for g in groups]))
-    print("driver: done", flush=True)
-""")
+RECOMPUTED = ("scores", "partition", "train")
+# The training session's Ray Train storage (its checkpoints): left in place, the one-node
+# run would resume the two-node training at its last step instead of training.
+SESSIONS = "sessions"
 
 
-def _score_inputs(tmp: Path) -> tuple[Path, list[str]]:
-    from orchestrator.models import build_model
+def _config(run_dir: Path) -> dict:
+    raw = dict(TINY, name="two-nodes", run_dir=str(run_dir))
+    # 2100 rows: two scoring blocks of up to 2048 rows, one per actor.
+    raw["data"] = {**TINY["data"], "synthetic": {**TINY["data"]["synthetic"], "num_train": 2100}}
+    raw["reference"] = {"subset_size": 64, "seed": 0}
+    raw["scoring"] = {**TINY["scoring"], "num_actors": 2, "scheduling_strategy": "SPREAD",
+                      "num_cpus_per_actor": 0.5}
+    # Two optimizer steps (reference and training): the weights' equality needs no more.
+    raw["train"] = {**TINY["train"], "methods": ["forget"], "num_workers": 2,
+                    "placement_strategy": "SPREAD", "max_steps": 2, "cpus_per_worker": 0.5}
+    raw["tracking"] = {"enabled": False}
+    # One training session: the reference and the training share one worker group.
+    raw["ray"] = {**TINY["ray"], "max_parallel_trainings": 1}
+    return raw
 
-    models = []
-    for role, seed in (("base", 0), ("ref", 1)):
-        build_model(_tiny_spec("llama"), 97, seed=seed).save_pretrained(str(tmp / role))
-        models.append(str(tmp / role))
-    return _write_tokens(_make_rows(32), tmp / "tokens.parquet"), models  # 4 blocks of 8
+
+def _stage_dirs(stages: Path, name: str) -> list[Path]:
+    return sorted(p for p in (stages / name).iterdir() if (p / "_SUCCESS.json").is_file())
 
 
-def _actors(dash: str, token: str, class_name: str) -> list[dict]:
-    url = (f"{dash}/api/v0/actors?limit=1000&detail=1&filter_keys=class_name"
-           f"&filter_predicates=%3D&filter_values={class_name}")
-    return _get(url, token)["data"]["result"]["result"]
+def test_pipeline_submitted_to_two_nodes_spreads_and_gives_the_one_node_results(
+        two_nodes, ray_local, tmp_path):
+    from orchestrator.config import load_config
+    from orchestrator.pipeline.run import run_pipeline
+    from orchestrator.scoring import score_files
 
-
-def test_two_nodes_spread_and_give_the_single_node_results(two_nodes, ray_local,  # noqa: F811
-                                                           tmp_path):
-    from orchestrator.config import ScoringConfig
-    from orchestrator.scoring import run_scoring, score_files
-    from orchestrator.training import run_trainings
-
-    tokens, models = _score_inputs(tmp_path)
-    base = make_base(tmp_path / "train-base")
-    data = make_corpus(tmp_path / "corpus.parquet", n=32)
-    two = make_job(tmp_path / "two", base, data, method="forget", name="two-nodes", **TRAIN)
-    one = make_job(tmp_path / "one", base, data, method="forget", name="one-node", **TRAIN)
-
-    out = subprocess.run(
-        [sys.executable, "-c", DRIVER, two_nodes["gcs"], str(tokens), *models,
-         str(tmp_path / "scores-two"), json.dumps(two.to_dict())],
-        env=_env(two_nodes["token"]), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "driver: done" in out.stdout, (out.stdout + out.stderr)[-4000:]
+    cfg_path = tmp_path / "two-nodes.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tmp_path / "runs")))
+    out, status, logs = submit(
+        two_nodes, ["python", "-m", "jobs.train", "--config", str(cfg_path)],
+        runtime_env=str(ROOT / "cluster/runtime_env.local.yaml"),
+        env=cluster_env(two_nodes["token"]), timeout=540)
+    (tmp_path / "job.log").write_text(logs)  # the job's timeline is at its end
+    assert status == "SUCCEEDED", (out + logs)[-4000:]
 
     # Where things ran, from the cluster's state API.
-    dash, token = two_nodes["dash"], two_nodes["token"]
-    scorers = _actors(dash, token, "BlockScorer")
-    workers = _actors(dash, token, "RayTrainWorker")
+    scorers = actors(two_nodes, "BlockScorer")
+    workers = actors(two_nodes, "RayTrainWorker")
     assert len(scorers) == 2 and len({a["node_id"] for a in scorers}) == 2, scorers
-    assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, workers
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("LETHE_GROUPS "))
-    assert ["SPREAD", 2] in json.loads(line.split(" ", 1)[1]), line  # the workers' group
+    assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, workers  # one group
+    groups = api_get(f"{two_nodes['dash']}/api/v0/placement_groups?limit=100&detail=1",
+                     two_nodes["token"])["data"]["result"]["result"]
+    spread = [g for g in groups if len(g.get("bundles") or []) == 2
+              and len({b.get("node_id") for b in g["bundles"]}) == 2]
+    assert spread, groups  # the workers' group: one bundle on each node
 
-    # The same work on one node (the session's instance).
-    run_scoring(tokens, *models, ScoringConfig(num_actors=2, batch_size=8, token_budget=200),
-                tmp_path / "scores-one", block_rows=8)
-    [r_one] = run_trainings([one])
+    # The same config on one node (the session's instance), from the job's cached
+    # upstream stages; scores, partition and train are recomputed.
+    stages = tmp_path / "runs" / "two-nodes" / "stages"
+    aside = tmp_path / "two-node-stages"
+    aside.mkdir()
+    for name in (*RECOMPUTED, SESSIONS):
+        shutil.move(stages / name, aside / name)
+    run_pipeline(load_config(cfg_path), until="train")
 
-    files = [score_files(tmp_path / d) for d in ("scores-two", "scores-one")]
-    assert len(files[0]) == len(files[1]) == 4
+    for name in RECOMPUTED:  # same inputs, same keys: nothing depends on the placement
+        assert [p.name for p in _stage_dirs(aside, name)] == \
+            [p.name for p in _stage_dirs(stages, name)], name
+    [two_scores], [one_scores] = (_stage_dirs(d, "scores") for d in (aside, stages))
+    files = [score_files(d / "scores") for d in (two_scores, one_scores)]
+    assert len(files[0]) == len(files[1]) == 2  # two blocks, one per actor
     for a, b in zip(*files, strict=True):
         _assert_same_table(pq.read_table(a), pq.read_table(b))  # bit for bit
-    w_two = load_file(str(two.export_dir / "model.safetensors"))
-    w_one = load_file(str(Path(r_one.export_dir) / "model.safetensors"))
+    [two_train], [one_train] = (_stage_dirs(d, "train") for d in (aside, stages))
+    for d in (two_train, one_train):  # both trained their 2 steps from the base
+        metrics = json.loads((d / "run" / "metrics.json").read_text())
+        assert (metrics["steps"], metrics["resumed_from_step"]) == (2, 0), (d, metrics)
+    w_two, w_one = (load_file(str(d / "run" / "model" / "model.safetensors"))
+                    for d in (two_train, one_train))
+    [base] = _stage_dirs(stages, "base")
+    w_base = load_file(str(base / "model" / "model.safetensors"))
     assert w_two.keys() == w_one.keys()
+    assert any(not torch.equal(w_two[k], w_base[k]) for k in w_base)  # training moved them
     for k in w_two:
         torch.testing.assert_close(w_two[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
