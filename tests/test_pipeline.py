@@ -225,7 +225,7 @@ def test_sweep_reuses_scores_and_tracks_every_trial(first_run, ray_local, config
     raw["train"] = dict(raw["train"], methods=["forget"])
     raw["evaluate"] = dict(raw["evaluate"], evaluate_base=False)
     raw["tune"] = {"num_samples": 2, "lambda_max": [0.05, 0.5], "rho": [0.5, 0.9],
-                   "grace_period": 2, "max_concurrent_trials": 1, "metric": "val_loss"}
+                   "grace_period": 2, "max_concurrent_trials": 2, "metric": "val_loss"}
     path = config_path.parent / "tune.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config(path)
