@@ -152,3 +152,7 @@ class RayConfig(Strict):
     default: on the 2-core machine the start-ups then compete with the base builds for the
     same cores (1-seed default: 314 s with it, 288 s without, one run each); on with cores
     to spare."""
+    dashboard: bool = False
+    """Start Ray's dashboard with a local instance (on 127.0.0.1:8265). Off by default: it
+    costs about 3 s at start and a share of a core while it runs, which a 2-core laptop
+    feels; on to watch a long local run. A cluster (`address`) has its own."""

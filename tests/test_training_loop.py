@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,21 @@ def test_local_resume_matches_an_uninterrupted_run(assets, lora):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert run_training_local(failing).cached  # _SUCCESS.json short-circuits a rerun
+
+
+def test_a_deleted_output_folder_retrains_instead_of_resuming_old_checkpoints(assets):
+    """Checkpoints live in the run's storage (a training session's outlives the stage
+    folder): deleting the job's output folder to force a retrain must start from step 0."""
+    tmp, base, data = assets
+    kw = {"method": "sft", "max_steps": 4, "checkpoint_every": 2, "micro_batch_size": 4}
+    job = make_job(tmp, base, data, name="deleted-out", **kw)
+    job.test_hooks = {"_fail_once_at_step": 2}
+    with pytest.raises(RuntimeError, match="injected failure after the checkpoint of step 2"):
+        run_training_local(job)
+    assert any(Path(job.storage_path).rglob("checkpoint_*"))
+    shutil.rmtree(job.output_dir)
+    again = run_training_local(job)
+    assert again.metrics["resumed_from_step"] == 0 and again.steps == 4
 
 
 def test_forget_raises_negative_ce_over_sft_after_the_same_steps(assets):

@@ -50,6 +50,13 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run_dir).resolve() / cfg.name
 
 
+# Ray Train services a single machine does not need, each a process (or a callback's worth
+# of work) per training run: the preemption watcher (it polls for nodes being drained, as
+# spot instances are) and the Prometheus metrics callbacks. Set only for the embedded
+# instance, and only where the user has not set them.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
 def init_ray(cfg: ExperimentConfig) -> None:
     import ray
 
@@ -81,7 +88,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
     else:
         # The embedded instance: address="local" always starts a fresh one; a bare ray.init()
         # would join any Ray head already running on this machine (its resources, its env).
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True,
+        for name, value in LOCAL_RAY_TRAIN_ENV.items():
+            os.environ.setdefault(name, value)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard,
                  dashboard_host="127.0.0.1", runtime_env={"env_vars": env, **hook})
 
 
@@ -202,10 +211,13 @@ def run_pipeline(cfg: ExperimentConfig, until: Until | None = None) -> dict[str,
     tl = timeline.begin(t0)
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    # Tracking first: an unreachable MLflow server fails here, not after hours of training.
-    with tl.span("ray-init", "-", "startup"):
-        track = PipelineTracking.open(cfg, root)
-        init_ray(cfg)
+    # Tracking before any stage: an unreachable MLflow server fails here, not after hours of
+    # training. Opened beside Ray's start-up (a new sqlite store runs its schema migrations,
+    # about 5 s, while Ray's processes start; each alone leaves a core idle).
+    with tl.span("ray-init", "-", "startup"), ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(PipelineTracking.open, cfg, root)
+        init_ray(cfg)  # on failure the pool still waits for the store, then this raises
+        track = opening.result()
     from orchestrator.config import save_config
 
     save_config(cfg, root / "resolved_config.yaml")

@@ -1,19 +1,34 @@
 """Training stage: collate, per-worker loop (plain), DeepSpeed / DDP engines, Ray Train driver,
 export. See docs/ARCHITECTURE.md for the public contract (`run_training`,
-`train_loop_per_worker`)."""
+`train_loop_per_worker`).
 
-from orchestrator.training.job import MlflowTarget, SubsetSpec, TrainJob, TrainResult
-from orchestrator.training.loop import NonFiniteLossError, train_loop_per_worker
-from orchestrator.training.stage import run_training, run_training_local, run_trainings
+The names below load on first use: Ray imports this package in processes that only need a
+light module of it (the job feed actor, the Ray Train controller via `ray_entry`), and an
+eager import here would cost each of them the whole torch / transformers / DeepSpeed stack.
+"""
 
-__all__ = [
-    "MlflowTarget",
-    "NonFiniteLossError",
-    "SubsetSpec",
-    "TrainJob",
-    "TrainResult",
-    "run_training",
-    "run_training_local",
-    "run_trainings",
-    "train_loop_per_worker",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MlflowTarget": "orchestrator.training.job",
+    "SubsetSpec": "orchestrator.training.job",
+    "TrainJob": "orchestrator.training.job",
+    "TrainResult": "orchestrator.training.job",
+    "NonFiniteLossError": "orchestrator.training.loop",
+    "train_loop_per_worker": "orchestrator.training.loop",
+    "run_training": "orchestrator.training.stage",
+    "run_training_local": "orchestrator.training.stage",
+    "run_trainings": "orchestrator.training.stage",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -65,7 +65,7 @@ def _job_configs(config: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The jobs of this worker group: a fixed list (`jobs`), one job, or the jobs a training
     session feeds over time (`feed`, training/session.py), in the same order on every rank."""
     if "feed" in config:
-        from orchestrator.training.session import feed_jobs
+        from orchestrator.training.feed import feed_jobs
 
         return feed_jobs(config["feed"])
     return iter(config.get("jobs") or [config])

@@ -24,55 +24,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import TrainConfig
+from orchestrator.training.feed import POLL_S, JobFeed, feed_jobs
 from orchestrator.training.job import TrainJob, TrainResult
 
-_POLL_S = 0.2  # how often a waiting worker asks the feed, and the driver looks for results
-
-
-class JobFeed:
-    """The session's job list (a Ray actor, no CPU): append-only, read by index."""
-
-    def __init__(self) -> None:
-        self._jobs: list[dict[str, Any]] = []
-        self._closed = False
-
-    def put(self, job: dict[str, Any]) -> int:
-        if self._closed:
-            raise RuntimeError("job feed is closed")
-        self._jobs.append(job)
-        return len(self._jobs) - 1
-
-    def close(self) -> None:
-        self._closed = True
-
-    def get(self, index: int) -> tuple[str, dict[str, Any] | None]:
-        """("job", config) when job `index` exists, ("end", None) after close, else
-        ("wait", None)."""
-        if index < len(self._jobs):
-            return "job", self._jobs[index]
-        return ("end", None) if self._closed else ("wait", None)
-
-
-def feed_jobs(feed: Any) -> Iterator[dict[str, Any]]:
-    """Worker side: the feed's jobs in order, waiting for each, until the feed is closed."""
-    import ray
-
-    index = 0
-    while True:
-        kind, job = ray.get(feed.get.remote(index))
-        if kind == "end":
-            return
-        if kind == "wait":
-            time.sleep(_POLL_S)
-            continue
-        yield job  # type: ignore[misc]
-        index += 1
-
+__all__ = ["JobFeed", "TrainingSession", "feed_jobs", "session_name"]
 
 class TrainingSession:
     """One Ray Train run fed jobs over time; `train(jobs)` blocks until they are exported.
@@ -186,7 +145,7 @@ class TrainingSession:
                 error = self._error or RuntimeError("the run ended before this job")
                 raise RuntimeError(f"training session {self.run_name}: job {job.run_name} did "
                                    f"not finish: {error}") from self._error
-            time.sleep(_POLL_S)
+            time.sleep(POLL_S)
 
     def _annotate(self, job: TrainJob, planned: int, first: bool, fed_at: float) -> None:
         """What `run_trainings` adds to a job's metrics: the plan and the run's start-up.

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from orchestrator.names import PLACEMENT_STRATEGIES
@@ -24,6 +25,7 @@ from orchestrator.training.deepspeed_setup import load_deepspeed_config
 from orchestrator.training.export import write_json_atomic
 from orchestrator.training.job import TrainJob, TrainResult
 from orchestrator.training.loop import train_loop_per_worker
+from orchestrator.training.ray_entry import lean_torch_trainer, train_loop_entry
 
 
 def planned_updates(n_rows: int, world: int, micro: int, gas: int, epochs: float,
@@ -57,7 +59,9 @@ def _planned(job: TrainJob, config: dict[str, Any]) -> int:
     """Optimizer steps of a job, from its loop config (whose subset is already resolved)."""
     train = job.train_config()
     keep = config.get("keep_sample_ids")
-    n_rows = len(keep) if keep is not None else pq.ParquetFile(job.train_path).metadata.num_rows
+    # A file or a folder of part files (footers only; names starting "_" or "." are skipped).
+    n_rows = (len(keep) if keep is not None
+              else pads.dataset(job.train_path, format="parquet").count_rows())
     return planned_updates(n_rows, train.num_workers, train.micro_batch_size,
                            train.grad_accum_steps, train.epochs, train.max_steps)
 
@@ -92,13 +96,12 @@ def make_trainer(train: Any, loop_config: dict[str, Any], run_name: str, storage
     """The TorchTrainer of one run: `train`'s worker group around the plain loop (a fixed
     job list for `run_trainings`, a job feed for a training session)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker or 1.0
-    return TorchTrainer(
-        train_loop_per_worker,
+    return lean_torch_trainer(
+        train_loop_entry,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources,

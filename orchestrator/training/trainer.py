@@ -21,6 +21,7 @@ import json
 import random
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from orchestrator.training.rng_state import load_rng_state, save_rng_state
 from orchestrator.training.strategy import Strategy
 
 STATE_FILE = "trainer_state.json"
+ATTEMPT_FILE = "attempt.json"  # in the job's output folder: see TrainerState.attempt
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,6 +67,10 @@ class TrainerState:
     world_size: int = 1
     mlflow_run_id: str | None = None
     job: str | None = None  # run name of the job (several jobs share one Ray Train run)
+    # Which attempt at the job's output folder wrote the checkpoint (ATTEMPT_FILE): a folder
+    # deleted to force a retrain must not resume from the old attempt's checkpoints, which a
+    # training session's storage (stages/sessions/) outlives.
+    attempt: str | None = None
 
 
 @dataclass
@@ -189,13 +195,19 @@ class Trainer:
         self.strategy.set_train(True)
 
     def _resume(self) -> None:
-        """Engine and trainer state from this job's latest checkpoint, if there is one."""
+        """Engine and trainer state from this job's latest checkpoint, if there is one and
+        it was written for this output folder's current attempt."""
+        self.state.attempt = self._attempt()
         with self.ctx.latest_checkpoint() as ckpt_dir:
             if ckpt_dir is None:
                 return
             saved = TrainerState(**json.loads((ckpt_dir / STATE_FILE).read_text()))
             if saved.job not in (None, self.job.job.run_name):
                 return  # the latest checkpoint of this worker group is an earlier job's
+            # Rank 0 decides for all: only it reads the output folder's attempt file.
+            stale = self.strategy.is_rank_0() and saved.attempt not in (None, self.state.attempt)
+            if self.strategy.any_rank(stale):
+                return  # written before the job's output folder was deleted: start afresh
             if saved.world_size != self.ctx.world_size:
                 raise RuntimeError(f"checkpoint {ckpt_dir} was written by {saved.world_size} "
                                    f"workers, this run has {self.ctx.world_size}: ZeRO shards "
@@ -203,6 +215,16 @@ class Trainer:
             self.strategy.load(ckpt_dir)
             load_rng_state(ckpt_dir, self.ctx.rank)
             self.state, self.resumed_from = saved, saved.step
+
+    def _attempt(self) -> str | None:
+        """Rank 0: the id of this attempt at the job's output folder, made on first use."""
+        if not self.strategy.is_rank_0():
+            return None
+        path = Path(self.job.job.output_dir) / ATTEMPT_FILE
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"attempt": uuid.uuid4().hex})
+        return str(json.loads(path.read_text())["attempt"])
 
     # ------------------------------------------------------------------ training
 

@@ -1,0 +1,42 @@
+"""What Lethe hands Ray Train (orchestrator/training/ray_entry.py and feed.py): light to
+import, and a trainer without Ray Train's dataset actor when there are no datasets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["orchestrator.training.feed", "orchestrator.training.ray_entry",
+                                    "orchestrator.training"])
+def test_modules_ray_imports_in_side_processes_do_not_pull_in_torch(module):
+    """The job-feed actor and the Ray Train controller import these: each heavy import was
+    seconds of CPU per training run."""
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_lean_trainer_drops_the_dataset_callback_only_without_datasets(ray_local, tmp_path):
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+
+    from orchestrator.training.ray_entry import lean_torch_trainer, train_loop_entry
+
+    kw = {"scaling_config": ScalingConfig(num_workers=1),
+          "run_config": RunConfig(name="lean", storage_path=str(tmp_path))}
+    names = [type(cb).__name__ for cb in lean_torch_trainer(train_loop_entry, **kw)
+             ._create_default_callbacks()]
+    assert "DatasetsCallback" not in names and "BackendSetupCallback" in names
+    with_data = lean_torch_trainer(train_loop_entry, datasets={"train": ray.data.range(2)}, **kw)
+    assert "DatasetsCallback" in [type(cb).__name__ for cb in with_data._create_default_callbacks()]
+
+
+def test_package_names_still_resolve_lazily():
+    import orchestrator.training as training
+
+    assert training.run_training.__name__ == "run_training"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        training.nope  # noqa: B018
