@@ -167,7 +167,7 @@ def test_data_revision_is_validated(data, match):
 def test_resolver_reads_the_local_cache_offline_and_the_hub_online(tmp_path, monkeypatch):
     import huggingface_hub
 
-    refs = tmp_path / "hub" / "datasets--org--noisy.v2" / "refs"
+    refs = tmp_path / "hub" / ("datasets--" + REPO.replace("/", "--")) / "refs"
     refs.mkdir(parents=True)
     (refs / "main").write_text(SHA_1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -2,7 +2,8 @@
 
 - the pipeline driver SIGKILLed mid-scoring: the rerun computes only the blocks that are
   missing, and the scores equal an uninterrupted run's bit for bit;
-- two `lethe run` processes on one config at once: both finish, every stage is computed by
+- two `lethe run --until partition` processes on one config at once: both finish, every
+  stage (the reference's Ray Train run and the scoring actors included) is computed by
   exactly one of them (the other waits for its lock or finds it done, with a message), and
   both end on the same stage outputs.
 
@@ -132,17 +133,21 @@ def test_driver_sigkilled_mid_scoring_rerun_scores_only_the_missing_blocks(ray_l
 
 @pytest.mark.slow
 def test_two_lethe_runs_on_one_config_compute_each_stage_once(ray_local, tmp_path):
+    """Both `lethe run --until partition` processes finish; each stage (data, base, tokens,
+    the reference's Ray Train run, the scoring actors, the partition) is computed by exactly
+    one of them, the other waits for its lock or finds it done; one set of outputs."""
+    import pyarrow.parquet as pq
+
     raw = json.loads(json.dumps(TINY))
     raw.update(run_dir=str(tmp_path / "runs"), name="two-runs")
+    # The smallest corpus that still gives the reference a few steps and scoring two blocks.
+    raw["data"]["synthetic"].update(num_train=48, num_eval=8)
     raw["ray"] = {**raw.get("ray", {}), "address": _gcs_address()}
     raw["tracking"] = {"enabled": False}
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # `--until data` stops after the tokens stage: the base stage (tokenizer training, model
-    # build) is the work both want at once. `--until score` adds the reference's Ray Train
-    # run and the scoring actors (same locks; 51 s instead of 13 s here).
-    cmd = [str(BIN / "lethe"), "run", str(cfg), "--until", "data"]
+    cmd = [str(BIN / "lethe"), "run", str(cfg), "--until", "partition"]
     logs = [tmp_path / f"run{i}.log" for i in (1, 2)]
     procs = []
     try:
@@ -165,14 +170,22 @@ def test_two_lethe_runs_on_one_config_compute_each_stage_once(ray_local, tmp_pat
     seen = [{(m[1], m[2]): m[3] for m in stage_line.finditer(t)} for t in texts]
     assert seen[0].keys() == seen[1].keys(), (seen, texts[1][-3000:])
     names = {name for name, _ in seen[0]}
-    assert {"base", "tokens"} <= names, names
+    assert {"synthetic", "base", "tokens", "reference", "scores", "partition"} <= names, names
     for key in seen[0]:
         assert sorted((seen[0][key], seen[1][key])) == ["cached", "running"], (key, seen)
     # (Usually one also printed "another run ... is computing it; waiting": not asserted, a
     # process that starts late finds every stage done.)
 
-    # One set of outputs, marked done once.
+    # One set of outputs, marked done once; the scores were computed in one pass (no block
+    # found done, none written twice) and the partition covers every scored row.
     stages = Path(raw["run_dir"]) / "two-runs" / "stages"
     for name, key in seen[0]:
         assert (stages / name / key / SUCCESS).is_file()
     assert not list(stages.rglob("_*.tmp"))
+    [scores] = [stages / "scores" / key / "scores" for name, key in seen[0] if name == "scores"]
+    summary = json.loads((scores / SUCCESS).read_text())
+    assert summary["blocks_skipped"] == 0 and summary["blocks_computed"] >= 1, summary
+    assert len(list(scores.glob("part-*.parquet"))) == summary["blocks_computed"]
+    [part] = [stages / "partition" / key for name, key in seen[0] if name == "partition"]
+    scored = sum(pq.ParquetFile(f).metadata.num_rows for f in scores.glob("part-*.parquet"))
+    assert pq.ParquetFile(part / "partitioned.parquet").metadata.num_rows == scored
