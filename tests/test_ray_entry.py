@@ -19,19 +19,26 @@ def test_modules_ray_imports_in_side_processes_do_not_pull_in_torch(module):
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_lean_trainer_drops_the_dataset_callback_only_without_datasets(ray_local, tmp_path):
+def test_lean_trainer_drops_the_dataset_callback_only_without_datasets(ray_local, tmp_path,
+                                                                       monkeypatch):
     import ray.data
     from ray.train import RunConfig, ScalingConfig
 
-    from orchestrator.training.ray_entry import lean_torch_trainer, train_loop_entry
+    from orchestrator.training.ray_entry import EMBEDDED_ENV, lean_torch_trainer, train_loop_entry
 
+    monkeypatch.delenv(EMBEDDED_ENV, raising=False)
     kw = {"scaling_config": ScalingConfig(num_workers=1),
           "run_config": RunConfig(name="lean", storage_path=str(tmp_path))}
     names = [type(cb).__name__ for cb in lean_torch_trainer(train_loop_entry, **kw)
              ._create_default_callbacks()]
     assert "DatasetsCallback" not in names and "BackendSetupCallback" in names
+    assert "PlacementGroupCleanerCallback" in names  # kept outside the embedded instance
     with_data = lean_torch_trainer(train_loop_entry, datasets={"train": ray.data.range(2)}, **kw)
     assert "DatasetsCallback" in [type(cb).__name__ for cb in with_data._create_default_callbacks()]
+    monkeypatch.setenv(EMBEDDED_ENV, "1")
+    embedded = [type(cb).__name__ for cb in lean_torch_trainer(train_loop_entry, **kw)
+                ._create_default_callbacks()]
+    assert "PlacementGroupCleanerCallback" not in embedded and "BackendSetupCallback" in embedded
 
 
 def test_package_names_still_resolve_lazily():

@@ -21,7 +21,8 @@ from orchestrator.evaluation.runner import evaluate_model
 
 def _evaluate_batch_body(model_dirs: dict[str, str], cfg_dict: dict,
                          include_path: str | None,
-                         revisions: dict[str, str] | None = None) -> dict[str, dict]:
+                         revisions: dict[str, str] | None = None,
+                  max_tasks: int | None = None) -> dict[str, dict]:
     """{name: model_dir} -> {name: {"metrics": ...} or {"error": "..."}}: one failing model
     does not lose the others' results."""
     # The config travels as a plain dict: pydantic models pickle fine, but a dict keeps the
@@ -59,13 +60,15 @@ def split_round_robin(names: list[str], k: int) -> list[list[str]]:
 def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
                   include_path: str | None,
                   timings: dict[str, dict[str, float]] | None = None,
-                  revisions: dict[str, str] | None = None) -> dict[str, dict]:
+                  revisions: dict[str, str] | None = None,
+                  max_tasks: int | None = None) -> dict[str, dict]:
     """{name: model_dir} -> {name: {task: {metric: value}}}, models spread over Ray tasks.
 
     Uses the running Ray instance (or starts a local one, as `ray.remote` does).
     A failing model raises here with its name, after the others finished. `timings`, when
     given, receives each evaluated model's wall-clock stamps (start, loaded, evaluated);
-    `revisions` pins hub ids among the models to commits.
+    `revisions` pins hub ids among the models to commits; `max_tasks` caps the tasks (a
+    caller sharing the cluster's room with other evaluations).
     """
     import ray
 
@@ -74,6 +77,7 @@ def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
     )
     cfg_dict = cfg.model_dump(mode="json")
     k = parallel_tasks(cfg, len(model_dirs), ray.cluster_resources())
+    k = min(k, max_tasks) if max_tasks else k
     refs = [remote_fn.remote({n: model_dirs[n] for n in chunk}, cfg_dict, include_path,
                              {n: revisions[n] for n in chunk if n in (revisions or {})})
             for chunk in split_round_robin(sorted(model_dirs), k)]

@@ -44,15 +44,7 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
 
     Labels are `<model>/<method>/s<seed>` and `<model>/base/-`.
     """
-    wanted: dict[str, str] = {}
-    revisions: dict[str, str] = {}  # base models that are hub ids, at their pinned commit
-    for o in outcomes:
-        if cfg.evaluate.evaluate_base and o.base_model:
-            wanted[str(RunLabel(o.spec.name, "base"))] = o.base_model
-            if getattr(o, "base_revision", None):
-                revisions[str(RunLabel(o.spec.name, "base"))] = o.base_revision
-        for (method, seed), model_dir in sorted(o.models.items()):
-            wanted[str(RunLabel(o.spec.name, method, seed))] = model_dir
+    wanted, revisions = _wanted(cfg, outcomes)
     from orchestrator.evaluation.ray_stage import EvaluationFailed
 
     try:
@@ -69,8 +61,51 @@ def evaluate_outcomes(cfg: ExperimentConfig, outcomes: list[Any], synthetic: S.S
     return results
 
 
+def _wanted(cfg: ExperimentConfig, outcomes: list[Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """({label: model dir}, {label: pinned commit of a hub-id base model}) of the outcomes."""
+    wanted: dict[str, str] = {}
+    revisions: dict[str, str] = {}
+    for o in outcomes:
+        if cfg.evaluate.evaluate_base and o.base_model:
+            wanted[str(RunLabel(o.spec.name, "base"))] = o.base_model
+            if getattr(o, "base_revision", None):
+                revisions[str(RunLabel(o.spec.name, "base"))] = o.base_revision
+        for (method, seed), model_dir in sorted(o.models.items()):
+            wanted[str(RunLabel(o.spec.name, method, seed))] = model_dir
+    return wanted, revisions
+
+
+def evaluate_family_early(cfg: ExperimentConfig, outcome: Any, synthetic: S.StageOut | None) -> None:
+    """Evaluate one family's models as soon as its chain is done, while the other families
+    still train: the evaluation no longer waits for the slowest family, and its task
+    start-ups overlap training instead of following it. The results land in the eval
+    stages, where the run's final pass (`evaluate_outcomes`) finds them cached. A failure
+    here is only reported: the final pass evaluates what is missing again and owns the
+    error (which models failed, and why).
+
+    The families share the room for evaluation tasks (`parallel_tasks`), so three families
+    finishing together start no more task processes than one final pass would."""
+    import ray
+
+    from orchestrator.evaluation.ray_stage import parallel_tasks
+
+    wanted, revisions = _wanted(cfg, [outcome])
+    if not wanted:
+        return
+    families = max(1, min(cfg.ray.max_parallel_models, len(cfg.models)))
+    room = parallel_tasks(cfg.evaluate, len(wanted), ray.cluster_resources())
+    try:
+        evaluate_labelled(cfg, wanted, synthetic, revisions=revisions,
+                          max_tasks=max(1, room // families))
+    except Exception as exc:  # noqa: BLE001 - the final pass retries and reports
+        print(f"[lethe] evaluation of {outcome.spec.name} failed early ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); retried in the final pass",
+              flush=True)
+
+
 def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: S.StageOut | None,
                       in_process: bool = False, revisions: dict[str, str] | None = None,
+                      max_tasks: int | None = None,
                       ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
     """{label: model dir} -> ({label: metrics}, {label: eval stage dir}); cached per model,
     the uncached ones evaluated in parallel Ray tasks, or here with `in_process` (a Tune
@@ -114,7 +149,8 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
             timings: dict[str, dict[str, float]] = {}
             try:
                 fresh = evaluate_many(todo, cfg.evaluate, include, timings,
-                                      {k: v for k, v in revisions.items() if k in todo})
+                                      {k: v for k, v in revisions.items() if k in todo},
+                                      max_tasks=max_tasks)
                 _add_to_timeline(timings)
             except EvaluationFailed as failed:
                 _add_to_timeline(timings)

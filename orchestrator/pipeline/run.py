@@ -54,7 +54,9 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 # of work) per training run: the preemption watcher (it polls for nodes being drained, as
 # spot instances are) and the Prometheus metrics callbacks. Set only for the embedded
 # instance, and only where the user has not set them.
-LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+# LETHE_EMBEDDED_RAY: see training/ray_entry.py (no placement-group cleaner actor).
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
+                       "LETHE_EMBEDDED_RAY": "1"}
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
@@ -136,9 +138,16 @@ def _model_chain(cfg: ExperimentConfig, spec: ModelSpec, src: Source, until: Unt
     from orchestrator.pipeline.sessions import family_session, wants_session
 
     if not wants_session(cfg, until):
-        return _family_stages(cfg, spec, src, until, track, slots, None)
-    with slots, family_session(cfg, spec, src.ident, until) as session:
-        return _family_stages(cfg, spec, src, until, track, contextlib.nullcontext(), session)
+        out = _family_stages(cfg, spec, src, until, track, slots, None)
+    else:
+        with slots, family_session(cfg, spec, src.ident, until) as session:
+            out = _family_stages(cfg, spec, src, until, track, contextlib.nullcontext(), session)
+    if until in (None, "evaluate") and cfg.evaluate.enabled and len(cfg.models) > 1:
+        # After the session is closed, so its CPUs are free for the evaluation tasks.
+        from orchestrator.pipeline.evaluate_stage import evaluate_family_early
+
+        evaluate_family_early(cfg, out, src.synthetic)
+    return out
 
 
 def _family_stages(cfg: ExperimentConfig, spec: ModelSpec, src: Source, until: Until | None,

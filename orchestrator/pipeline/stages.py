@@ -120,12 +120,14 @@ def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str,
     else:
         ident = {"dataset": path, "split": d.split}
         if d.source == "hf":  # a hub name: every reader of the rows path loads its commit
-            from orchestrator.data.loading import hub_ref
+            from orchestrator.data.loading import hub_ref, split_hub_ref
 
-            revision = dataset_revision(cfg) or d.revision  # a branch only when unresolved
+            name, requested = split_hub_ref(path, d.revision)  # also `hf://datasets/<name>@<rev>`
+            revision = dataset_revision(cfg, name, requested) or requested  # a branch: unresolved
+            ident["dataset"] = name
             if revision is not None:
                 ident["revision"] = revision
-            path = hub_ref(path, revision)
+            path = hub_ref(name, revision)
     if not vsize:
         return path, None, ident  # data.limit is sampled while tokenizing (loading.py)
     inputs = {"rows": ident, "split": d.split, "limit": d.limit, "limit_seed": d.limit_seed,
@@ -144,9 +146,10 @@ def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str,
             str(st.dir / f"valid{sampling.SELECTION_SUFFIX}"), {"sample": st.key})
 
 
-def dataset_revision(cfg: ExperimentConfig) -> str | None:
-    """The commit hub dataset `data.path` (at `data.revision`) resolved to on first use in
-    this run directory, None when it cannot be resolved (offline and not in the local cache).
+def dataset_revision(cfg: ExperimentConfig, name: str, requested: str | None) -> str | None:
+    """The commit hub dataset `name` (at revision `requested`, None = the default branch)
+    resolved to on first use in this run directory, None when it cannot be resolved (offline
+    and not in the local cache).
 
     Recorded by a stage of its own ("dataset", keyed by the name and the requested revision,
     the commit in its `_SUCCESS.json`) like a hub model's commit in its base stage: it must be
@@ -155,20 +158,19 @@ def dataset_revision(cfg: ExperimentConfig) -> str | None:
     so a branch that moves changes nothing. An unresolved name is not recorded (a later run
     that can reach the hub or the cache pins it; until then keys carry no commit).
     """
-    d = cfg.data
-    st, cached = _open(cfg, "dataset", {"dataset": d.path, "revision": d.revision})
+    st, cached = _open(cfg, "dataset", {"dataset": name, "revision": requested})
     if cached:
         return st.summary().get("revision") if st.done() else None  # (plan: looked up only)
     from orchestrator.data.loading import resolve_dataset_revision
 
-    commit = resolve_dataset_revision(str(d.path), d.revision)
+    commit = resolve_dataset_revision(name, requested)
     if commit is None:
         st.release()
         log.warning("hub dataset %r (revision %s) could not be resolved to a commit (offline and "
-                    "not in the local Hugging Face cache?): loaded unpinned", d.path,
-                    d.revision or "default branch")
+                    "not in the local Hugging Face cache?): loaded unpinned", name,
+                    requested or "default branch")
         return None
-    st.mark_done({"dataset": d.path, "requested": d.revision, "revision": commit})
+    st.mark_done({"dataset": name, "requested": requested, "revision": commit})
     return commit
 
 
