@@ -92,6 +92,9 @@ def test_a_requested_revision_is_resolved_and_recorded_on_its_own(tmp_path, monk
     assert S.source_rows(cfg, None)[2]["revision"] == SHA_2
     assert hub.resolved == [(REPO, "v2")]
     assert [r["requested"] for r in _recorded(cfg)] == ["v2"]
+    # The same request written as a hub path names the same record and the same data.
+    same = S.source_rows(_cfg(tmp_path / "runs", path=f"hf://datasets/{REPO}@v2"), None)
+    assert same == S.source_rows(cfg, None) and len(hub.resolved) == 1
 
 
 def test_the_commit_names_the_downstream_keys_and_is_what_load_dataset_gets(tmp_path, monkeypatch):
