@@ -139,6 +139,10 @@ def test_rows_validation_names_the_sample(tmp_path):
         rows_from_table(table, "token_class")
     with pytest.raises(ValueError, match="lacks column 'response_mask'"):
         rows_from_table(table, "response_mask")
+    twice = pa.table({"sample_id": [5, 2, 5], "input_ids": [[1], [2], [1]],
+                      "token_class": [[1], [1], [1]]})
+    with pytest.raises(ValueError, match="sample_id 5 occurs more than once"):
+        rows_from_table(twice, "token_class")
 
 
 def test_rows_shard_and_subset_are_deterministic(tmp_path):

@@ -75,6 +75,11 @@ def rows_from_table(table: pa.Table, class_column: str) -> TokenRows:
             )
     table = table.sort_by("sample_id")  # shard order independent of read/stream order
     sample_ids = table.column("sample_id").to_numpy().astype(np.int64)
+    repeated = np.flatnonzero(sample_ids[1:] == sample_ids[:-1])
+    if len(repeated):  # sorted: a repeat is adjacent (e.g. one row in two part files)
+        raise ValueError(f"sample_id {sample_ids[repeated[0]]} occurs more than once in the "
+                         f"training data ({len(repeated)} repeated ids): it would be trained "
+                         "twice per epoch; check the part files of the input folder")
     ids, offsets = _ragged(table.column("input_ids"))
     cls, cls_offsets = _ragged(table.column(class_column))
     lengths, cls_lengths = np.diff(offsets), np.diff(cls_offsets)
