@@ -18,6 +18,9 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 # test runs report every step. 0.1 s here (0.5 in the product) cut the training group and
 # session tests from 128 to 103 s; a poll that outlasts it is only retried (no error).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# Ray Data's Parquet reader starts 32 footer-reading actors per read_parquet (Ray 2.60); the
+# tests read one small file. One actor: the distributed partition tests 67 -> 35 s.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR",
     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions"),
@@ -45,7 +48,7 @@ def ray_local():
             runtime_env={"env_vars": {k: os.environ[k] for k in (
                 "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
                 "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS",
             )}},
         )
     yield ray
