@@ -65,8 +65,9 @@ def test_paper_config_is_refused_without_gpus_naming_the_fields(tmp_path):
     assert row["reference_rows"] == 10000 and row["sequences_per_step"] == 128
     assert row["train_steps"] == 390 and row["reference_steps"] == 78
     assert row["trainings"] == 9
-    assert [s.label for s in plan.stages][:5] == ["base", "tokens", "reference", "scores",
-                                                  "partition"]
+    # A hub dataset's commit is a shared stage of its own, looked up ahead of the base.
+    assert [s.label for s in plan.stages][:6] == ["dataset", "base", "tokens", "reference",
+                                                  "scores", "partition"]
     assert not any(s.cached for s in plan.stages)
     assert not (tmp_path / "runs").exists()  # nothing written
 
