@@ -221,3 +221,20 @@ def test_limit_caps_rows_and_corpus_texts(tmp_path):
     assert report_json["tokens"]["total"] == sum(r["num_tokens"] for r in table)
     assert report_json["tokens"]["response"] == sum(sum(r["response_mask"]) for r in table)
     assert report_json["length_percentiles"]["max"] == max(r["num_tokens"] for r in table)
+
+
+def test_tokenizer_corpus_reads_the_configured_split_of_a_hub_dataset(monkeypatch):
+    """The base stage trains a from-config model's tokenizer on data.split, the split that is
+    tokenized, not always "train"."""
+    from orchestrator.data import loading
+
+    asked = []
+
+    def fake_iter_hf(path, split, revision=None):
+        asked.append(split)
+        return iter([{"messages": [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "there"}]}])
+
+    monkeypatch.setattr(loading, "_iter_hf", fake_iter_hf)
+    assert list(corpus_texts("org/data", "validation")) == ["hi\nthere"]
+    assert asked == ["validation"]

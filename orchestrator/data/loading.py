@@ -279,12 +279,13 @@ def _row_texts(row: Any) -> list[str]:
     return texts
 
 
-def corpus_texts(rows_path: str | Path) -> Iterator[str]:
+def corpus_texts(rows_path: str | Path, split: str = "train") -> Iterator[str]:
     """Text to train a tokenizer on: one string per row (its message contents joined by
     newlines). Understands training rows (messages, prompt/completion) and the synthetic
     eval rows (question, choices, answer); malformed rows are skipped silently because a
-    tokenizer corpus needs no validation, prepare_dataset does that."""
-    for row in iter_path_rows(rows_path):
+    tokenizer corpus needs no validation, prepare_dataset does that. `split`: a hub
+    dataset's split, the one that is tokenized (data.split)."""
+    for row in iter_path_rows(rows_path, split):
         texts = _row_texts(row)
         if texts:
             yield "\n".join(texts)

@@ -235,7 +235,8 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
         # family's thread ("expected device meta but got cpu"), and the warm-up's seeded RNG
         # is the process's.
         with _BASE_BUILD_LOCK:
-            materialize_base(spec, corpus_texts(rows_path), model_dir, seed=cfg.seed)
+            materialize_base(spec, corpus_texts(rows_path, cfg.data.split), model_dir,
+                             seed=cfg.seed)
             summary: dict[str, Any] = {"model_path": str(model_dir)}
             if spec.warmup is not None:  # clean synthetic text; held-out questions kept out
                 from orchestrator.models.warmup import warm_up_base
