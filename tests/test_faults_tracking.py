@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -35,18 +36,35 @@ class FlakyClient:
         return call
 
 
+@pytest.fixture(scope="module")
+def blank_db(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, created (schema migrations, ~2 s) once for the module."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "blank.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def _store(blank: Path, path: Path) -> str:
+    """A fresh store at `path`: a copy of the blank one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(blank, path)
+    return f"sqlite:///{path}"
+
+
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_logging_outage_buffers_retries_and_flushes(tmp_path, capsys):
+def test_logging_outage_buffers_retries_and_flushes(tmp_path, capsys, blank_db):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking.resilient import ResilientRun
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = _store(blank_db, tmp_path / "mlflow.db")
     client = FlakyClient(MlflowClient(uri), fail=3)
     run = ResilientRun(uri, create={"experiment": "e", "run_name": "r", "tags": {}},
                        spool_dir=tmp_path / "spool", label="drill", client=client,
@@ -63,12 +81,12 @@ def test_logging_outage_buffers_retries_and_flushes(tmp_path, capsys):
     assert not list((tmp_path / "spool").glob("*.jsonl"))  # nothing left behind
 
 
-def test_metrics_mlflow_never_took_are_spooled_then_synced(tmp_path, capsys):
+def test_metrics_mlflow_never_took_are_spooled_then_synced(tmp_path, capsys, blank_db):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking.resilient import SPOOL_DIRNAME, ResilientRun, sync_pending
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = _store(blank_db, tmp_path / "mlflow.db")
     exp = MlflowClient(uri).create_experiment("e")
     run_id = MlflowClient(uri).create_run(exp).info.run_id
     down = FlakyClient(MlflowClient(uri), fail=10**9)
@@ -144,15 +162,14 @@ def test_mlflow_server_killed_mid_training(tmp_path, capsys):
 
 
 def test_failing_run_with_mlflow_down_ends_fast_and_lethe_sync_catches_up(tmp_path, monkeypatch,
-                                                                          capsys):
+                                                                          capsys, blank_db):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.pipeline.tracking_glue import PipelineTracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "faults"
-    store = f"sqlite:///{root}/mlflow.db"
-    root.mkdir()
+    store = _store(blank_db, root / "mlflow.db")
     exp = MlflowClient(store).create_experiment("faults")
     ids = [MlflowClient(store).create_run(exp).info.run_id for _ in range(3)]
 
@@ -184,7 +201,7 @@ def test_failing_run_with_mlflow_down_ends_fast_and_lethe_sync_catches_up(tmp_pa
     assert "nothing pending" in capsys.readouterr().out
 
 
-def test_config_artifacts_and_params_are_masked(tmp_path, monkeypatch):
+def test_config_artifacts_and_params_are_masked(tmp_path, monkeypatch, blank_db):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.pipeline.tracking_glue import PipelineTracking
@@ -192,7 +209,7 @@ def test_config_artifacts_and_params_are_masked(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("HF_TOKEN", "hf-secret-value-42")
-    store = f"sqlite:///{tmp_path}/mlflow.db"
+    store = _store(blank_db, tmp_path / "mlflow.db")
     cfg = config_from_dict({**MINIMAL, "run_dir": str(tmp_path),
                             "data": {"source": "file", "path": "/data/hf-secret-value-42.jsonl"},
                             "evaluate": {"include_path": "https://bob:hunter22@tasks.example/x"}})
