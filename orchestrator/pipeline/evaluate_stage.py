@@ -148,9 +148,9 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
 
             timings: dict[str, dict[str, float]] = {}
             try:
+                cap = {"max_tasks": max_tasks} if max_tasks else {}
                 fresh = evaluate_many(todo, cfg.evaluate, include, timings,
-                                      {k: v for k, v in revisions.items() if k in todo},
-                                      max_tasks=max_tasks)
+                                      {k: v for k, v in revisions.items() if k in todo}, **cap)
                 _add_to_timeline(timings)
             except EvaluationFailed as failed:
                 _add_to_timeline(timings)
