@@ -17,7 +17,6 @@ corpus, the tokens stage, the sample stage's selection files) then loads that co
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -26,10 +25,10 @@ from typing import Any
 
 from orchestrator.config import DataConfig
 from orchestrator.data.errors import DataError, RowRejected
+from orchestrator.hub import COMMIT, hub_commit, hub_offline
 
 _DATASETS_DIR_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 HUB_PREFIX = "hf://datasets/"
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
@@ -147,11 +146,6 @@ def split_hub_ref(path: str, revision: str | None = None) -> tuple[str, str | No
     return path, revision
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def resolve_dataset_revision(repo_id: str, revision: str | None = None, *,
                              cache_dir: str | Path | None = None) -> str | None:
     """The commit hub dataset `repo_id` resolves to now (`revision`: a branch, tag or
@@ -162,7 +156,7 @@ def resolve_dataset_revision(repo_id: str, revision: str | None = None, *,
     used: works offline, and is what an offline `load_dataset` would read); then, unless
     HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set, the hub. None when neither knows it.
     """
-    if _COMMIT.match(revision or ""):
+    if COMMIT.match(revision or ""):
         return revision
     if not _REPO_ID.match(repo_id) or ".." in repo_id:
         return None  # not a hub id (the refs path below must stay inside the cache)
@@ -175,17 +169,11 @@ def resolve_dataset_revision(repo_id: str, revision: str | None = None, *,
         cached = ref.read_text().strip()
     except OSError:
         cached = ""
-    if _COMMIT.match(cached):
+    if COMMIT.match(cached):
         return cached
-    if _hub_offline():
+    if hub_offline("HF_DATASETS_OFFLINE"):
         return None
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        return HfApi().dataset_info(repo_id, revision=revision).sha
-    except (HfHubHTTPError, OSError, ValueError):
-        return None
+    return hub_commit(repo_id, revision, "dataset")
 
 
 def _load_hf(path: str, split: str, revision: str | None = None) -> Any:

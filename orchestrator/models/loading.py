@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from orchestrator.config import ModelSpec
+from orchestrator.hub import COMMIT, hub_commit, hub_offline
 from orchestrator.models.families import (
     FAMILY_MODEL_TYPES,
     build_model,
@@ -84,11 +83,6 @@ def load_model(
     return model.to(device)
 
 
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def resolve_revision(repo_id: str, revision: str | None = None, *,
@@ -101,7 +95,7 @@ def resolve_revision(repo_id: str, revision: str | None = None, *,
     unless HF_HUB_OFFLINE is set, the hub. None when neither knows the id (a local folder is
     not a hub id: its content is fingerprinted instead).
     """
-    if _COMMIT.match(revision or ""):
+    if COMMIT.match(revision or ""):
         return revision
     from huggingface_hub import try_to_load_from_cache
 
@@ -112,17 +106,11 @@ def resolve_revision(repo_id: str, revision: str | None = None, *,
         return None
     if isinstance(cached, str):
         commit = Path(cached).parent.name
-        if _COMMIT.match(commit):
+        if COMMIT.match(commit):
             return commit
-    if _hub_offline():
+    if hub_offline():
         return None
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        return HfApi().model_info(repo_id, revision=revision).sha
-    except (HfHubHTTPError, OSError, ValueError):
-        return None
+    return hub_commit(repo_id, revision, "model")
 
 
 def check_device(device: str | torch.device) -> None:
