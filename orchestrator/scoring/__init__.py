@@ -7,8 +7,7 @@ inside `run_scoring`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from orchestrator.lazy import lazy_exports
 
 _EXPORTS = {
     "TokenScorer": "orchestrator.scoring.scorer",
@@ -19,8 +18,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'orchestrator.scoring' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -9,8 +9,7 @@ eager import here would cost each of them the whole torch / transformers / DeepS
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from orchestrator.lazy import lazy_exports
 
 _EXPORTS = {
     "MlflowTarget": "orchestrator.training.job",
@@ -26,9 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
