@@ -17,6 +17,7 @@ from tiny_configs import TINY
 from orchestrator.config import ConfigError, DataConfig, ExperimentConfig
 from orchestrator.data import loading, read_tokens
 from orchestrator.data.errors import DataError
+from orchestrator.pipeline import source_stages as D
 from orchestrator.pipeline import stages as S
 
 SHA_1 = "1" * 40
@@ -66,7 +67,7 @@ def _recorded(cfg: ExperimentConfig) -> list[dict]:
 def test_first_use_records_the_commit(tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch)
     cfg = _cfg(tmp_path / "runs")
-    rows, valid, ident = S.source_rows(cfg, None)
+    rows, valid, ident = D.source_rows(cfg, None)
     assert hub.resolved == [(REPO, None)]
     [record] = _recorded(cfg)
     assert record["revision"] == SHA_1 and record["dataset"] == REPO
@@ -77,24 +78,24 @@ def test_first_use_records_the_commit(tmp_path, monkeypatch):
 def test_a_later_run_keeps_the_recorded_commit_after_the_hub_moves(tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch)
     cfg = _cfg(tmp_path / "runs")
-    first = S.source_rows(cfg, None)
+    first = D.source_rows(cfg, None)
     hub.head = SHA_2  # the default branch moves on the hub
-    again = S.source_rows(_cfg(tmp_path / "runs"), None)
+    again = D.source_rows(_cfg(tmp_path / "runs"), None)
     assert again == first and again[2]["revision"] == SHA_1
     assert hub.resolved == [(REPO, None)]  # the record answered; the hub was not asked again
     # A fresh run directory pins what the branch points at now.
-    assert S.source_rows(_cfg(tmp_path / "other"), None)[2]["revision"] == SHA_2
+    assert D.source_rows(_cfg(tmp_path / "other"), None)[2]["revision"] == SHA_2
 
 
 def test_a_requested_revision_is_resolved_and_recorded_on_its_own(tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch, head=SHA_2)
     cfg = _cfg(tmp_path / "runs", revision="v2")
-    assert S.source_rows(cfg, None)[2]["revision"] == SHA_2
+    assert D.source_rows(cfg, None)[2]["revision"] == SHA_2
     assert hub.resolved == [(REPO, "v2")]
     assert [r["requested"] for r in _recorded(cfg)] == ["v2"]
     # The same request written as a hub path names the same record and the same data.
-    same = S.source_rows(_cfg(tmp_path / "runs", path=f"hf://datasets/{REPO}@v2"), None)
-    assert same == S.source_rows(cfg, None) and len(hub.resolved) == 1
+    same = D.source_rows(_cfg(tmp_path / "runs", path=f"hf://datasets/{REPO}@v2"), None)
+    assert same == D.source_rows(cfg, None) and len(hub.resolved) == 1
 
 
 def test_the_commit_names_the_downstream_keys_and_is_what_load_dataset_gets(tmp_path, monkeypatch):
@@ -105,7 +106,7 @@ def test_the_commit_names_the_downstream_keys_and_is_what_load_dataset_gets(tmp_
     for sha in (SHA_1, SHA_2):
         hub.head, hub.loads = sha, []
         cfg = _cfg(tmp_path / sha[:1])
-        rows, _, ident = S.source_rows(cfg, None)
+        rows, _, ident = D.source_rows(cfg, None)
         base = S.base_stage(cfg, cfg.models[0], rows, ident)
         tokens = S.tokens_stage(cfg, base, rows, ident, split="train")
         keys[sha] = (base.key, tokens.key)
@@ -122,7 +123,7 @@ def test_the_sample_stage_loads_the_recorded_commit(tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch)
     raw_cfg = _cfg(tmp_path / "runs")
     cfg = raw_cfg.model_copy(update={"train": raw_cfg.train.model_copy(update={"validation_size": 4})})
-    rows, valid, ident = S.source_rows(cfg, None)
+    rows, valid, ident = D.source_rows(cfg, None)
     assert ident == {"sample": ident["sample"]}
     inputs = json.loads((S.stages_root(cfg) / "sample" / ident["sample"] / "inputs.json").read_text())
     assert inputs["rows"]["revision"] == SHA_1
@@ -136,11 +137,11 @@ def test_the_sample_stage_loads_the_recorded_commit(tmp_path, monkeypatch):
 def test_an_unresolvable_name_is_not_recorded_and_a_later_run_pins_it(tmp_path, monkeypatch, caplog):
     hub = FakeHub(monkeypatch, head=None)
     cfg = _cfg(tmp_path / "runs")
-    rows, _, ident = S.source_rows(cfg, None)
+    rows, _, ident = D.source_rows(cfg, None)
     assert ident == {"dataset": REPO, "split": "train"} and rows == f"hf://datasets/{REPO}"
     assert _recorded(cfg) == [] and "could not be resolved" in caplog.text
     hub.head = SHA_1
-    assert S.source_rows(cfg, None)[2]["revision"] == SHA_1
+    assert D.source_rows(cfg, None)[2]["revision"] == SHA_1
 
 
 def test_local_data_is_never_pinned(tmp_path, monkeypatch):
@@ -150,10 +151,10 @@ def test_local_data_is_never_pinned(tmp_path, monkeypatch):
     local = tmp_path / "saved"
     datasets.Dataset.from_list(ROWS).save_to_disk(str(local))
     cfg = _cfg(tmp_path / "runs", path=str(local))
-    ident = S.source_rows(cfg, None)[2]
+    ident = D.source_rows(cfg, None)[2]
     assert "revision" not in ident and hub.resolved == []
     with pytest.raises(DataError, match="data.revision='main'.*is local"):
-        S.source_rows(_cfg(tmp_path / "runs", path=str(local), revision="main"), None)
+        D.source_rows(_cfg(tmp_path / "runs", path=str(local), revision="main"), None)
 
 
 @pytest.mark.parametrize("data, match", [

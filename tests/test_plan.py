@@ -15,6 +15,7 @@ from tiny_configs import TINY
 
 from orchestrator.config import ConfigError, ModelSpec, config_from_dict, load_config
 from orchestrator.pipeline import plan as P
+from orchestrator.pipeline import source_stages as D
 from orchestrator.pipeline import stages as S
 from orchestrator.pipeline.preflight import check_pretrained_path, check_vocabulary, looks_like_path
 
@@ -146,8 +147,8 @@ def _fake_compute(monkeypatch):
 
 def _pipeline_keys(cfg) -> list[tuple[str, str]]:
     """Run the chain the way orchestrator/pipeline/run.py does; the stage keys it used."""
-    synthetic = S.synthetic_stage(cfg)
-    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+    synthetic = D.synthetic_stage(cfg)
+    rows, valid_rows, ident = D.source_rows(cfg, synthetic)
     keys = [("synthetic", synthetic.key)]
     for spec in cfg.models:
         base = S.base_stage(cfg, spec, rows, ident)

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.config import DataConfig, config_from_dict
 from orchestrator.data.loading import corpus_texts, iter_source_rows
 from orchestrator.data.sampling import plan_split, read_selection, sample_rows
-from orchestrator.pipeline import stages as S
+from orchestrator.pipeline import source_stages as D
 
 
 def _grouped_rows(sizes: dict[str, int]) -> list[dict]:
@@ -134,7 +134,7 @@ def _file_cfg(tmp_path, **train):
 
 def test_every_file_source_gets_a_validation_split_in_the_stage_key(tmp_path):
     cfg, rows = _file_cfg(tmp_path, validation_size=10)
-    train_path, valid_path, ident = S.source_rows(cfg, None)
+    train_path, valid_path, ident = D.source_rows(cfg, None)
     assert valid_path is not None and "sample" in ident
     train = list(iter_source_rows(cfg.data, train_path))
     valid = list(iter_source_rows(cfg.data, valid_path))
@@ -145,16 +145,16 @@ def test_every_file_source_gets_a_validation_split_in_the_stage_key(tmp_path):
     # corpus_texts (the tokenizer corpus) reads the same training sample.
     assert len(list(corpus_texts(train_path))) == 50
     # Rerun: the same stage, cached; another validation size: another key.
-    assert S.source_rows(cfg, None)[2] == ident
+    assert D.source_rows(cfg, None)[2] == ident
     cfg2, _ = _file_cfg(tmp_path, validation_size=12)
-    assert S.source_rows(cfg2, None)[2] != ident
+    assert D.source_rows(cfg2, None)[2] != ident
     source, picked = read_selection(valid_path)
     assert source["path"] == cfg.data.path and len(picked) == 10
 
 
 def test_without_validation_size_a_file_source_is_passed_through(tmp_path):
     cfg, _ = _file_cfg(tmp_path)
-    path, valid, ident = S.source_rows(cfg, None)
+    path, valid, ident = D.source_rows(cfg, None)
     assert path == cfg.data.path and valid is None and "sample" not in ident
 
 
@@ -165,11 +165,11 @@ def test_synthetic_validation_is_capped_at_validation_size(tmp_path):
         "models": [{"name": "m", "family": "llama", "pretrained": "org/m"}],
         "train": {"validation_size": 7},
     })
-    synthetic = S.synthetic_stage(cfg)
-    _, valid_default, ident_default = S.source_rows(
+    synthetic = D.synthetic_stage(cfg)
+    _, valid_default, ident_default = D.source_rows(
         cfg.model_copy(update={"train": cfg.train.model_copy(update={"validation_size": 0})}),
         synthetic)
-    _, valid, ident = S.source_rows(cfg, synthetic)
+    _, valid, ident = D.source_rows(cfg, synthetic)
     assert ident != ident_default and ident["synthetic"] == ident_default["synthetic"]
     assert len(list(iter_source_rows(cfg.data, valid))) == 7
     assert len(list(iter_source_rows(cfg.data, valid_default))) > 7

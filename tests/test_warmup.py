@@ -111,6 +111,7 @@ def test_config_validation():
 
 
 def test_base_stage_warms_up_and_keys_on_the_warmup(tmp_path):
+    from orchestrator.pipeline import source_stages as D
     from orchestrator.pipeline import stages as S
 
     raw = {"name": "warm", "run_dir": str(tmp_path), "data": {
@@ -119,7 +120,7 @@ def test_base_stage_warms_up_and_keys_on_the_warmup(tmp_path):
         "models": [{"name": "t", "family": "qwen2", "tokenizer_vocab_size": 320,
                     "from_config": SIZES, "warmup": {"steps": 3, "rows": 20, "batch_size": 4}}]}
     cfg = config_from_dict(raw)
-    synth = S.synthetic_stage(cfg)
+    synth = D.synthetic_stage(cfg)
     rows = str(synth.dir / "train.jsonl")
     warm = S.base_stage(cfg, cfg.models[0], rows, {"synthetic": synth.key})
     summary = json.loads((warm.dir / "_SUCCESS.json").read_text())

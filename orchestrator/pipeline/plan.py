@@ -27,6 +27,7 @@ from typing import Any
 
 from orchestrator.cache import Stage
 from orchestrator.config import ConfigError, ExperimentConfig
+from orchestrator.pipeline import source_stages as D
 from orchestrator.pipeline import stages as S
 
 Resources = dict[str, float]
@@ -107,8 +108,8 @@ def walk_stages(cfg: ExperimentConfig, plan: Plan) -> dict[str, dict[str, Stage]
                 out.setdefault(model, {})[label] = st
             seen.clear()
 
-        synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
-        rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+        synthetic = D.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
+        rows, valid_rows, ident = D.source_rows(cfg, synthetic)
         take("-")
         for spec in cfg.models:
             try:

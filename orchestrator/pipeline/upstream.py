@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.config import ExperimentConfig, ModelSpec
 from orchestrator.names import Until
+from orchestrator.pipeline import source_stages as D
 from orchestrator.pipeline import stages as S
 from orchestrator.pipeline import timeline
 
@@ -55,8 +56,8 @@ class ModelStages:
 def source(cfg: ExperimentConfig) -> Source:
     """The synthetic corpus (when the config uses it) and the training / validation rows."""
     with timeline.current().span("synthetic", "-", "data"):
-        synthetic = S.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
-    rows, valid_rows, ident = S.source_rows(cfg, synthetic)
+        synthetic = D.synthetic_stage(cfg) if cfg.data.source == "synthetic" else None
+    rows, valid_rows, ident = D.source_rows(cfg, synthetic)
     return Source(synthetic, rows, valid_rows, ident)
 
 
