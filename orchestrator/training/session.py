@@ -33,6 +33,7 @@ from orchestrator.training.job import TrainJob, TrainResult
 
 __all__ = ["JobFeed", "TrainingSession", "feed_jobs", "session_name"]
 
+
 class TrainingSession:
     """One Ray Train run fed jobs over time; `train(jobs)` blocks until they are exported.
 

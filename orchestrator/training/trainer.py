@@ -197,7 +197,7 @@ class Trainer:
     def _resume(self) -> None:
         """Engine and trainer state from this job's latest checkpoint, if there is one and
         it was written for this output folder's current attempt."""
-        self.state.attempt = self._attempt()
+        attempt = self.state.attempt = self._attempt()
         with self.ctx.latest_checkpoint() as ckpt_dir:
             if ckpt_dir is None:
                 return
@@ -205,7 +205,7 @@ class Trainer:
             if saved.job not in (None, self.job.job.run_name):
                 return  # the latest checkpoint of this worker group is an earlier job's
             # Rank 0 decides for all: only it reads the output folder's attempt file.
-            stale = self.strategy.is_rank_0() and saved.attempt not in (None, self.state.attempt)
+            stale = self.strategy.is_rank_0() and saved.attempt not in (None, attempt)
             if self.strategy.any_rank(stale):
                 return  # written before the job's output folder was deleted: start afresh
             if saved.world_size != self.ctx.world_size:
@@ -215,6 +215,7 @@ class Trainer:
             self.strategy.load(ckpt_dir)
             load_rng_state(ckpt_dir, self.ctx.rank)
             self.state, self.resumed_from = saved, saved.step
+            self.state.attempt = attempt  # a checkpoint from before attempts were recorded has None
 
     def _attempt(self) -> str | None:
         """Rank 0: the id of this attempt at the job's output folder, made on first use."""
