@@ -77,6 +77,7 @@ def test_base_stage_records_the_resolved_revision(tmp_path, monkeypatch):
     out = base_stage(cfg, spec, "unused", None)
     summary = json.loads((out.dir / "_SUCCESS.json").read_text())
     assert summary["model_path"] == "org/tiny" and summary["revision"] == SHA_MAIN
+    assert not out.cached  # the first run records the stage: it is not a cache hit
 
     # The hub moves on; the stage keeps the commit of its first use.
     def moved(*a, **k):
@@ -84,7 +85,7 @@ def test_base_stage_records_the_resolved_revision(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loading, "resolve_revision", moved)
     again = base_stage(cfg, spec, "unused", None)
-    assert again.dir == out.dir
+    assert again.dir == out.dir and again.cached
     assert json.loads((again.dir / "_SUCCESS.json").read_text())["revision"] == SHA_MAIN
 
 

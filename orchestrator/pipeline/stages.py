@@ -112,7 +112,7 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
 
                 summary["revision"] = resolve_revision(spec.pretrained, spec.revision)
             st.mark_done(summary)
-        return StageOut(st.key, st.dir, True)
+        return StageOut(st.key, st.dir, cached)
     if spec.gguf is not None:
         # De-quantized once, keyed by the file's content: downstream reads a plain HF folder.
         st, cached = _open(cfg, "base", base_inputs(cfg, spec, rows_ident))
