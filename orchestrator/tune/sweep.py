@@ -21,6 +21,8 @@ from orchestrator.pipeline.tracking_glue import PipelineTracking
 from orchestrator.pipeline.upstream import upstream
 from orchestrator.tracking.target import RunLabel
 
+TUNE_LOG_VERBOSITY = 1  # Tune's AirVerbosity.DEFAULT: trial status, no result tables
+
 
 def _shared_stages(cfg: ExperimentConfig, track: PipelineTracking) -> dict[str, Any]:
     """Everything trials share, computed (or found cached) once, as plain data."""
@@ -149,6 +151,9 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from orchestrator.logs import configure_console, interactive
+
+    configure_console()  # as `lethe run`: bars only on a terminal, quiet Ray workers otherwise
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     track = PipelineTracking.open(cfg, root)
@@ -178,7 +183,10 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
             trainable, param_space=_search_space(cfg),
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
                                         scheduler=scheduler, search_alg=search_alg),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage)),
+            # Off a terminal, Tune's periodic status lines without its per-trial config and
+            # result boxes (40 lines a trial); the sweep's own table at the end has the results.
+            run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                                      verbose=None if interactive() else TUNE_LOG_VERBOSITY),
         )
     grid = tuner.fit()
     rows = []
