@@ -170,3 +170,25 @@ def test_experiment_opens_as_machine_learning_with_a_runs_view(report_page):
     assert [k["groupByData"] for k in state["groupBy"]["groupByKeys"]] == ["model", "method"]
     assert runs_view_url(uri, "http://127.0.0.1:5000", cfg.name) == url  # same view, same key
     assert runs_view_url(uri, "http://x", "no-such-experiment") is None
+
+
+def test_report_curves_hold_the_token_losses_and_lambda_per_training_run(report_page):
+    """The training-curves section draws, per family, the reference and every method x seed
+    run, in config order, with the loss on positive tokens, λ and (forget) the loss on
+    negative tokens: the series the trainer reports (training/trainer.py)."""
+    from report_run import SEEDS
+
+    from orchestrator.tracking.report_data import collect
+
+    cfg, _ = report_page
+    curves = collect(cfg).curves
+    labels = [f"{m}/s{s}" for m in METHODS for s in SEEDS]
+    for spec in cfg.models:
+        mine = [c for c in curves if c.model == spec.name]
+        assert [c.label for c in mine] == ["reference", *labels]
+        for c in mine[1:]:
+            assert {"pos_loss", "lambda"} <= c.series.keys()
+            assert ("neg_loss" in c.series) == c.label.startswith("forget/")
+            assert [step for step, _ in c.series["lambda"]] == list(range(1, 11))
+        forget = next(c for c in mine if c.label == "forget/s0")
+        assert forget.series["lambda"][-1][1] == pytest.approx(0.25)

@@ -3,8 +3,13 @@
 Drives Debian's `chromium` over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
 NUL-separated JSON on file descriptors 3 and 4), so it needs no websocket library: it loads
 the page, asserts on the live DOM (tables, decoded images, no console errors or exceptions)
-and keeps a full-page screenshot in runs/test-artifacts/. The page is conftest's
-`report_page` (tests/report_run.py), shared with tests/test_report.py.
+and keeps a full-page screenshot: runs/test-artifacts/report.png (git-ignored; it outlives
+the test run; LETHE_TEST_ARTIFACTS moves it, e.g. to a CI upload folder). The page is
+conftest's `report_page` (tests/report_run.py), shared with tests/test_report.py.
+
+Without /usr/bin/chromium (scripts/setup_venv.sh installs it where apt is usable) the tests
+skip, naming the reason; with CI=true or LETHE_REQUIRE_CHROMIUM=1 they fail instead, so a CI
+machine without the browser cannot pass them silently.
 """
 
 from __future__ import annotations
@@ -25,7 +30,27 @@ from proc_tree import free_port
 from orchestrator.tracking.report_data import run_root
 
 CHROMIUM = os.environ.get("LETHE_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"
+ARTIFACTS = Path(os.environ.get("LETHE_TEST_ARTIFACTS")
+                 or Path(__file__).resolve().parents[1] / "runs" / "test-artifacts")
+
+
+def _chromium() -> str:
+    """The browser, or a skip naming why not (a failure where the browser is required)."""
+    if Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    why = (f"{CHROMIUM} missing: scripts/setup_venv.sh installs Debian's chromium with apt "
+           "where apt is usable (root, a Debian-based system); LETHE_CHROMIUM names another")
+    if os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("LETHE_REQUIRE_CHROMIUM") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def _keep(name: str, png: bytes) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    path.write_bytes(png)
+    print(f"screenshot: {path}")  # shown with -rP / -s; the file stays after the run
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -140,13 +165,11 @@ def _console_errors(events: list[dict]) -> list[str]:
     return out
 
 
-@pytest.mark.skipif(not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)),
-                    reason=f"{CHROMIUM} missing: scripts/setup_venv.sh installs Debian's chromium "
-                           "with apt where apt is usable (root, a Debian-based system)")
 def test_report_renders_in_headless_chromium(report_page):
+    exe = _chromium()
     _, path = report_page
     profile = Path(tempfile.mkdtemp(prefix="lethe-chromium-"))
-    browser = DevTools(CHROMIUM, profile)
+    browser = DevTools(exe, profile)
     try:
         target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -170,9 +193,8 @@ def test_report_renders_in_headless_chromium(report_page):
         browser.close()
         shutil.rmtree(profile, ignore_errors=True)
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     png = base64.b64decode(shot["data"])
-    (ARTIFACTS / "report.png").write_bytes(png)
+    assert _keep("report.png", png).stat().st_size == len(png)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
     assert errors == []
@@ -187,8 +209,6 @@ def test_report_renders_in_headless_chromium(report_page):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)),
-                    reason=f"{CHROMIUM} missing (see scripts/setup_venv.sh)")
 def test_mlflow_ui_opens_on_the_runs_table_with_config_columns(report_page, tmp_path, capsys):
     """The URL `lethe ui` prints, in a real MLflow UI: the training-runs table of the latest
     pipeline run, grouped by model and method, with the family / method / seed and eval
@@ -196,6 +216,7 @@ def test_mlflow_ui_opens_on_the_runs_table_with_config_columns(report_page, tmp_
     from orchestrator.tracking.ui import start_ui, stop_ui
     from orchestrator.tracking.uri import default_sqlite_uri
 
+    exe = _chromium()
     cfg, _ = report_page
     proc = start_ui(default_sqlite_uri(run_root(cfg)), port=free_port(), timeout=180,
                     log_path=tmp_path / "server.log", experiment=cfg.name)
@@ -204,7 +225,7 @@ def test_mlflow_ui_opens_on_the_runs_table_with_config_columns(report_page, tmp_
     try:
         printed = capsys.readouterr().out
         url = re.search(r"Runs of the latest pipeline run: (\S+)", printed).group(1)
-        browser = DevTools(CHROMIUM, profile)
+        browser = DevTools(exe, profile)
         target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         browser.call("Runtime.enable", session=session)
@@ -221,8 +242,7 @@ def test_mlflow_ui_opens_on_the_runs_table_with_config_columns(report_page, tmp_
                                   session=session)["result"]
             text = result.get("value") or ""  # no value while the page is navigating
         shot = browser.call("Page.captureScreenshot", {"format": "png"}, session=session)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "mlflow_runs_view.png").write_bytes(base64.b64decode(shot["data"]))
+        _keep("mlflow_runs_view.png", base64.b64decode(shot["data"]))
     finally:
         if browser is not None:
             browser.close()
@@ -234,3 +254,20 @@ def test_mlflow_ui_opens_on_the_runs_table_with_config_columns(report_page, tmp_
         assert f"\n{column}\n" in text, column
     assert "Group: model: tiny-llama, method: forget" in text
     assert "Traces" in text and "Detect issues" not in text  # not the GenAI overview
+
+
+def test_a_missing_browser_skips_with_its_reason_and_fails_where_required(monkeypatch, tmp_path):
+    import test_report_browser as mod
+
+    monkeypatch.setattr(mod, "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("LETHE_REQUIRE_CHROMIUM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="setup_venv.sh"):
+        mod._chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="missing"):
+        mod._chromium()
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv("LETHE_REQUIRE_CHROMIUM", "1")
+    with pytest.raises(pytest.fail.Exception):
+        mod._chromium()

@@ -21,7 +21,11 @@ from orchestrator.pipeline.tracking_glue import PipelineTracking
 from orchestrator.pipeline.upstream import upstream
 from orchestrator.tracking.target import RunLabel
 
-TUNE_LOG_VERBOSITY = 1  # Tune's AirVerbosity.DEFAULT: trial status, no result tables
+# Off a terminal Tune runs silent (AirVerbosity 0: it still prints a trial's error) and the
+# sweep prints one line per trial start and end (`trial_lines`): Tune's own output there is a
+# status table every 30 s and a config box and a 35-line result box per trial, which the
+# sweep's table at the end repeats.
+TUNE_LOG_VERBOSITY = 0
 
 
 def _shared_stages(cfg: ExperimentConfig, track: PipelineTracking) -> dict[str, Any]:
@@ -183,10 +187,10 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
             trainable, param_space=_search_space(cfg),
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
                                         scheduler=scheduler, search_alg=search_alg),
-            # Off a terminal, Tune's periodic status lines without its per-trial config and
-            # result boxes (40 lines a trial); the sweep's own table at the end has the results.
-            run_config=tune.RunConfig(name=name, storage_path=str(storage),
-                                      verbose=None if interactive() else TUNE_LOG_VERBOSITY),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage),
+                verbose=None if interactive() else TUNE_LOG_VERBOSITY,
+                callbacks=None if interactive() else [trial_lines(t.metric)]),
         )
     grid = tuner.fit()
     rows = []
@@ -211,6 +215,38 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     track.log_sweep(rows, t.metric, best_path, table)
     atomic_write_json(root / "sweep_trials.json", rows)
     return {"rows": rows, "best_config": str(best_path), "best": best.config}
+
+
+def trial_lines(metric: str) -> Any:
+    """A Tune callback printing one `[lethe] ... stage trial` line when a trial starts (its
+    hyperparameters) and when it ends (done / stopped early / failed, its time and metric)."""
+    from ray.tune import Callback
+
+    from orchestrator.logs import stage_event
+
+    def params(trial: Any) -> str:
+        return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in sorted(trial.config.items()))
+
+    class TrialLines(Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            stage_event("trial", str(trial.trial_id), "started", detail=params(trial))
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._end(trial, "done" if (trial.last_result or {}).get("trial_finished") else "stopped")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._end(trial, "failed")
+
+        @staticmethod
+        def _end(trial: Any, event: str) -> None:
+            last = trial.last_result or {}
+            value = last.get(metric)
+            shown = f"{metric}={value:.4f}" if isinstance(value, (int, float)) else f"{metric}=-"
+            stage_event("trial", str(trial.trial_id), event, last.get("time_total_s"),
+                        f"{shown} iterations={last.get('training_iteration', 0)} {params(trial)}")
+
+    return TrialLines()
 
 
 def format_trials(rows: list[dict[str, Any]], metric: str) -> str:
