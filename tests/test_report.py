@@ -192,3 +192,30 @@ def test_report_curves_hold_the_token_losses_and_lambda_per_training_run(report_
             assert [step for step, _ in c.series["lambda"]] == list(range(1, 11))
         forget = next(c for c in mine if c.label == "forget/s0")
         assert forget.series["lambda"][-1][1] == pytest.approx(0.25)
+
+
+def test_bar_charts_follow_the_config_order_whatever_the_input_order(tmp_path, monkeypatch):
+    """Families on x and methods in the legend in config order, for shuffled input rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from orchestrator.tracking.compare import CompareOrder
+    from orchestrator.tracking.compare_plots import bar_charts
+
+    rows = [(f, m) for f in ("zeta", "alpha") for m in ("forget", "base", "sft", "ignore")]
+    index = pd.MultiIndex.from_tuples(rows, names=["family", "method"])
+    means = pd.DataFrame({"mc/acc": [0.3 + 0.01 * i for i in range(len(rows))]}, index=index)
+    stds = means * 0.1
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep each figure to look at it
+    order = CompareOrder(families=["zeta", "alpha"], methods=["base", "sft", "ignore", "forget"])
+    for shuffled in (means, means.sample(frac=1.0, random_state=3)):
+        bar_charts(shuffled, stds.loc[shuffled.index], tmp_path, order)
+    for fig in figures:
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["zeta", "alpha"]
+        assert ax.get_legend_handles_labels()[1] == ["base", "sft", "ignore", "forget"]
+    assert len(figures) == 2
