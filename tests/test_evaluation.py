@@ -223,6 +223,7 @@ SCRIPTED = {
     **{t: {"alias": t, "f1,none": f1, "exact_match,none": f1 / 2} for t, f1 in TYDIQA_F1.items()},
 }
 PAPER_AVERAGE = (0.40 + 0.70 + 0.25 + sum(TYDIQA_F1.values()) / 9 + 0.10) / 5
+SHIFT = {"by": 0.0}  # added to every scripted score (scripted_lm_eval)
 
 
 def paper_eval_config() -> EvaluateConfig:
@@ -239,11 +240,15 @@ def scripted_lm_eval(monkeypatch):
     from orchestrator.evaluation import runner
 
     calls: list[dict] = []
+    SHIFT["by"] = 0.0
+
+    def shifted(res: dict) -> dict:  # every score moved by SHIFT (a method's gain, a seed's noise)
+        return {k: v + SHIFT["by"] if isinstance(v, float) else v for k, v in res.items()}
 
     def fake_simple_evaluate(*, model, tasks, num_fewshot, limit, **kwargs):
         calls.append({"tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit,
                       "seeds": {k: v for k, v in kwargs.items() if k.endswith("seed")}})
-        return {"results": {t: dict(SCRIPTED[t]) for t in tasks},
+        return {"results": {t: shifted(SCRIPTED[t]) for t in tasks},
                 "n-shot": {t: num_fewshot for t in tasks},
                 "versions": {t: 1.0 for t in tasks},
                 "n-samples": {t: {"original": 100, "effective": 100} for t in tasks},
@@ -354,3 +359,88 @@ def test_validate_lists_the_five_benchmarks_with_shots(capsys):
                  "call 2: 1-shot, limit 100 per task: tydiqa_goldp_ar"):
         assert line in out
     yaml.safe_load(out)  # the listing is YAML comments: the output is still a config
+
+
+def test_lethe_compare_cli_prints_the_paper_headline(scripted_lm_eval, tmp_path, monkeypatch, capsys):
+    """`lethe compare configs/paper/llama3.2-1b.yaml` on a store the pipeline's own code filled:
+    scripted lm-eval results (the base model; sft and forget x the config's 3 seeds) go
+    through evaluate_model, PipelineTracking.log_eval and the run's end (the comparison on
+    the parent run), then the CLI prints the headline with the five-benchmark average."""
+    import math
+
+    import mlflow
+
+    from orchestrator.cli import main
+    from orchestrator.config import load_config
+    from orchestrator.pipeline.run import run_dir
+    from orchestrator.pipeline.tracking_glue import PipelineTracking
+    from orchestrator.tracking.compare import _tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs/paper/llama3.2-1b.yaml"
+    overrides = [f"run_dir={tmp_path / 'runs'}", "evaluate.num_gpus=0"]  # scripted, on CPU
+    cfg = load_config(config, overrides)
+    assert cfg.seeds == [42, 43, 44] and cfg.models[0].name == "llama3.2-1b"
+    root = run_dir(cfg)
+    track = PipelineTracking.open(cfg, root)
+    track.start(cfg, config, "pipeline-scripted")
+    noise = dict(zip(cfg.seeds, (0.0, 0.03, -0.02), strict=True))  # what a seed does to both methods
+    jitter = dict(zip(cfg.seeds, (0.001, -0.002, 0.001), strict=True))
+    shifts = {"llama3.2-1b/base/-": -0.05}
+    for seed in cfg.seeds:
+        shifts[f"llama3.2-1b/sft/s{seed}"] = noise[seed]
+        shifts[f"llama3.2-1b/forget/s{seed}"] = noise[seed] + 0.04 + jitter[seed]
+    results, dirs = {}, {}
+    for label, shift in shifts.items():
+        SHIFT["by"] = shift
+        dirs[label] = tmp_path / "models" / label.replace("/", "_")
+        dirs[label].mkdir(parents=True)
+        results[label] = evaluate_model(str(dirs[label]), cfg.evaluate, None)
+    assert len(scripted_lm_eval) == 2 * len(shifts)  # two lm-eval calls per model
+    track.log_eval(results, dirs)
+    track.finish(wall_s=1.0)
+
+    assert main(["compare", str(config), *overrides]) == 0
+    printed = capsys.readouterr().out
+    print(printed)  # `pytest -s` shows what `lethe compare` prints
+    lines = printed.splitlines()
+    assert lines[0] == ("Headline: average over 5 benchmarks, in points (100 × metric), "
+                        "mean ± std over seeds:")
+    assert lines[1].split() == ["seeds", "truthfulqa", "boolq", "logiqa", "tydiqa", "asdiv",
+                                "average"]
+
+    def cell(values: list[float]) -> str:
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+    per_method = {m: [PAPER_AVERAGE + shifts[f"llama3.2-1b/{m}/s{s}"] for s in cfg.seeds]
+                  for m in ("sft", "forget")}
+    # rows: "llama3.2-1b base 1 ..." then "sft 3 ..." (the family printed once)
+    rows = {ln.removeprefix("llama3.2-1b").split()[0]: ln.removeprefix("llama3.2-1b").split()
+            for ln in lines[3:6]}
+    assert list(rows) == ["base", "sft", "forget"]
+    assert rows["base"][1] == "1" and rows["base"][-3:] == f"{100 * (PAPER_AVERAGE - 0.05):.2f} ± -".split()
+    for method, values in per_method.items():
+        assert rows[method][1] == "3", rows[method]  # seeds
+        assert " ".join(rows[method][-3:]) == cell(values), rows[method]
+    # forget − sft in points, paired over the seeds: 0.04 + mean jitter (0) = +4.00 on each
+    # benchmark and on the average, above the seed noise (the jitter is small)
+    diff = next(ln for ln in lines if "forget − sft" in ln and "[" in ln)
+    assert diff.count("+4.00 [") == 6 and diff.rstrip().endswith("*"), diff
+    assert "llama3.2-1b  forget − sft (3 paired seeds): better beyond the seed noise on " \
+           "truthfulqa, boolq, logiqa, tydiqa, asdiv, average" in printed
+
+    # The parent run carries the same headline: mean and spread per method, forget − sft in points
+    with _tracking_uri(track.tracker.uri):
+        runs = mlflow.search_runs(experiment_names=[cfg.name], output_format="pandas")
+    parent = runs[runs["tags.lethe.kind"] == "parent"].iloc[0]
+    key = "metrics.compare/llama3.2-1b/forget/average"
+    assert parent[f"{key}/mean"] == pytest.approx(sum(per_method["forget"]) / 3)
+    assert f"{100 * parent[f'{key}/std']:.2f}" == cell(per_method["forget"]).split(" ± ")[1]
+    assert parent["metrics.effect/llama3.2-1b/forget-sft/average/points"] == pytest.approx(4.0)
+    assert parent["metrics.effect/llama3.2-1b/forget-sft/tydiqa/above_noise"] == 1.0
+    child = runs[runs["tags.mlflow.runName"] == "llama3.2-1b/forget/s43"].iloc[0]
+    assert child["metrics.headline/average"] == pytest.approx(PAPER_AVERAGE + 0.03 + 0.04 - 0.002)
+    assert child["metrics.eval/tydiqa_goldp_en/f1"] == pytest.approx(0.50 + 0.03 + 0.04 - 0.002)
