@@ -219,3 +219,29 @@ def test_bar_charts_follow_the_config_order_whatever_the_input_order(tmp_path, m
         assert [t.get_text() for t in ax.get_xticklabels()] == ["zeta", "alpha"]
         assert ax.get_legend_handles_labels()[1] == ["base", "sft", "ignore", "forget"]
     assert len(figures) == 2
+
+
+def test_a_pipeline_run_ends_with_its_report(report_page, capsys, monkeypatch):
+    """run_pipeline's last step (pipeline/run.py `_write_report`): the page is written for
+    the run's parent and its path printed; a report that fails is a warning, not an error."""
+    from types import SimpleNamespace
+
+    from orchestrator.pipeline import run as pipeline_run
+    from orchestrator.tracking.compare import latest_parent_run_id
+    from orchestrator.tracking.uri import default_sqlite_uri
+
+    cfg, path = report_page
+    parent = latest_parent_run_id(default_sqlite_uri(run_root(cfg)), cfg.name)
+    track = SimpleNamespace(parent=SimpleNamespace(run_id=parent), enabled=False)
+    before = path.stat().st_mtime_ns
+    pipeline_run._write_report(cfg, track)
+    assert capsys.readouterr().out.strip() == f"[lethe] report: {path}"
+    assert path.stat().st_mtime_ns >= before and "Lethe report: report-test" in path.read_text()
+
+    def broken(*args, **kwargs):
+        raise ValueError("no figure")
+
+    monkeypatch.setattr("orchestrator.tracking.report.write_report", broken)
+    pipeline_run._write_report(cfg, track)
+    assert capsys.readouterr().out.strip() == (
+        "[lethe] warning: the HTML report could not be written: ValueError: no figure")

@@ -245,6 +245,7 @@ def run_pipeline(cfg: ExperimentConfig, until: Until | None = None) -> dict[str,
     print(tl.text(end))
     if until in (None, "evaluate") and cfg.evaluate.enabled:
         print(track.comparison_text())
+    if until in (None, "evaluate"):  # without evaluation: partition, curves, timeline, config
         _write_report(cfg, track)
     print(f"[lethe] pipeline finished in {wall:.1f} s; run directory: {root}")
     print(f"[lethe] open the MLflow UI: .venv/bin/lethe ui {_config_hint(cfg)}  "
