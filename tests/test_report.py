@@ -245,3 +245,18 @@ def test_a_pipeline_run_ends_with_its_report(report_page, capsys, monkeypatch):
     pipeline_run._write_report(cfg, track)
     assert capsys.readouterr().out.strip() == (
         "[lethe] warning: the HTML report could not be written: ValueError: no figure")
+
+
+def test_report_off_a_terminal_has_no_artifact_bars(report_page, tmp_path, capfd, monkeypatch):
+    import os
+
+    from orchestrator import logs
+
+    cfg, _ = report_page
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    monkeypatch.setattr(logs, "_interactive", False)
+    capfd.readouterr()
+    write_report(cfg, tmp_path / "quiet.html")
+    printed = capfd.readouterr()
+    assert "Downloading artifacts" not in printed.err + printed.out
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # restored

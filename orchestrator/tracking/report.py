@@ -11,9 +11,12 @@ PNG data URIs and the CSS is inline: the file opens anywhere, offline, with no s
 
 from __future__ import annotations
 
+import contextlib
 import html
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,20 +255,39 @@ def render(data: ReportData, cfg: ExperimentConfig) -> str:
             f"<body>{body}</body></html>\n")
 
 
+@contextlib.contextmanager
+def _no_artifact_bars() -> Iterator[None]:
+    """Off a terminal (`lethe report > log`), no MLflow bar per artifact moved: the report
+    downloads one per partition and inspector page. A user's own setting wins."""
+    from orchestrator.logs import interactive
+
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if interactive() or key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def write_report(cfg: ExperimentConfig, out: str | Path | None = None, *,
                  parent_run_id: str | None = None, log_to_mlflow: bool = True) -> Path:
     """Write the report of `cfg`'s latest (or the given) pipeline run; default path
     runs/<name>/report.html. Logged as `report/report.html` on the parent run."""
-    data = collect(cfg, parent_run_id)
-    path = Path(out) if out is not None else run_root(cfg) / REPORT_FILE
-    atomic_write_text(path, render(data, cfg))
-    if log_to_mlflow and data.tracking_uri and data.parent_run_id:
-        from mlflow.tracking import MlflowClient
+    with _no_artifact_bars():
+        data = collect(cfg, parent_run_id)
+        path = Path(out) if out is not None else run_root(cfg) / REPORT_FILE
+        atomic_write_text(path, render(data, cfg))
+        if log_to_mlflow and data.tracking_uri and data.parent_run_id:
+            from mlflow.tracking import MlflowClient
 
-        from orchestrator.tracking.target import TrackingTarget
-        from orchestrator.tracking.tracker import RunLogger
+            from orchestrator.tracking.target import TrackingTarget
+            from orchestrator.tracking.tracker import RunLogger
 
-        logger = RunLogger(MlflowClient(tracking_uri=data.tracking_uri),
-                           TrackingTarget(data.tracking_uri, data.experiment, data.parent_run_id))
-        logger.log_artifact(path, "report")
+            logger = RunLogger(MlflowClient(tracking_uri=data.tracking_uri),
+                               TrackingTarget(data.tracking_uri, data.experiment,
+                                              data.parent_run_id))
+            logger.log_artifact(path, "report")
     return path
