@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestrator.config_models import DType, Strict
 from orchestrator.names import NegativeTerm, Schedule
@@ -39,6 +39,15 @@ class BenchmarkSpec(Strict):
     """lm-eval tasks averaged into this benchmark (each must be in evaluate.tasks)."""
     metric: str
     """The metric name as Lethe logs it (lm-eval's key without ",<filter>")."""
+
+    @field_validator("metric")
+    @classmethod
+    def _no_filter_suffix(cls, value: str) -> str:
+        if "," in value:  # lm-eval's raw key: never matches a logged metric
+            raise ValueError(f"metric {value!r}: name the metric as Lethe logs it, without "
+                             f"lm-eval's ',<filter>' suffix ({value.split(',')[0]!r}; a task "
+                             "scored under several filters logs '<metric>_<filter>')")
+        return value
 
 
 class EvaluateConfig(Strict):

@@ -444,3 +444,30 @@ def test_lethe_compare_cli_prints_the_paper_headline(scripted_lm_eval, tmp_path,
     child = runs[runs["tags.mlflow.runName"] == "llama3.2-1b/forget/s43"].iloc[0]
     assert child["metrics.headline/average"] == pytest.approx(PAPER_AVERAGE + 0.03 + 0.04 - 0.002)
     assert child["metrics.eval/tydiqa_goldp_en/f1"] == pytest.approx(0.50 + 0.03 + 0.04 - 0.002)
+
+
+def test_a_benchmark_metric_lm_eval_did_not_report_is_named(scripted_lm_eval, tmp_path, caplog):
+    """A metric the tasks did not report (here as if TydiQA had a second filter): warned at
+    evaluation, blank headline; lm-eval's raw `f1,none` key is refused by the config."""
+    from orchestrator.evaluation.benchmarks import (
+        benchmark_scores,
+        flatten_metrics,
+        missing_benchmark_metrics,
+    )
+
+    data = yaml.safe_load((REPO / "configs/eval/paper_tasks.yaml").read_text())
+    data["benchmarks"]["tydiqa"]["metric"] = "f1,none"
+    with pytest.raises(ValueError, match="without lm-eval's ',<filter>' suffix \\('f1'"):
+        EvaluateConfig.model_validate(data)
+    data["benchmarks"]["tydiqa"]["metric"] = "f1_remove_whitespace"
+    cfg = EvaluateConfig.model_validate(data)
+    with caplog.at_level("WARNING", logger="orchestrator.evaluation.runner"):
+        metrics = evaluate_model(str(tmp_path), cfg, None)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 9 and all("that benchmark and the average stay blank" in w for w in warned)
+    assert ("evaluate.benchmarks.tydiqa: task tydiqa_goldp_ar reported no 'f1_remove_whitespace' "
+            "(it reported: exact_match, f1)") in warned[0]
+    assert benchmark_scores(flatten_metrics(metrics), cfg.benchmarks)["average"] is None
+    assert missing_benchmark_metrics(metrics, paper_eval_config().benchmarks) == []
+    assert missing_benchmark_metrics({}, {"b": {"tasks": ["t"], "metric": "acc"}}) == [
+        "evaluate.benchmarks.b: task t has no results"]

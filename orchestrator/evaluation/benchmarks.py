@@ -45,3 +45,24 @@ def benchmark_scores(flat: Mapping[str, Any], benchmarks: Mapping[str, Any]) -> 
         scores = list(out.values())
         out[AVERAGE] = None if any(v is None for v in scores) else sum(scores) / len(scores)
     return out
+
+
+def missing_benchmark_metrics(metrics: Mapping[str, Mapping[str, Any]],
+                              benchmarks: Mapping[str, Any]) -> list[str]:
+    """One line per benchmark input absent from one model's {task: {metric: value}}.
+
+    A metric name that does not match what lm-eval reported (a task scored under two filters
+    is logged as `<metric>_<filter>`, see runner.normalise_metrics) would otherwise only
+    show as a blank headline cell; the line names what the task did report.
+    """
+    lines = []
+    for name, spec in benchmarks.items():
+        tasks = spec["tasks"] if isinstance(spec, Mapping) else spec.tasks
+        metric = spec["metric"] if isinstance(spec, Mapping) else spec.metric
+        for task in tasks:
+            if task not in metrics:
+                lines.append(f"evaluate.benchmarks.{name}: task {task} has no results")
+            elif _value(metrics[task], metric) is None:
+                lines.append(f"evaluate.benchmarks.{name}: task {task} reported no '{metric}' "
+                             f"(it reported: {', '.join(sorted(metrics[task])) or 'nothing'})")
+    return lines

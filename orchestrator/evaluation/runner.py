@@ -249,6 +249,11 @@ def evaluate_model(model_dir: str, cfg: EvaluateConfig, include_path: str | None
         raw = run_lm_eval(lm, cfg, include_path)
         stamps["evaluated"] = time.time()
     metrics = {task: normalise_metrics(res) for task, res in raw.get("results", {}).items()}
+    if cfg.benchmarks:  # a wrong metric name would only show as a blank headline cell
+        from orchestrator.evaluation.benchmarks import missing_benchmark_metrics
+
+        for line in missing_benchmark_metrics(metrics, cfg.benchmarks):
+            log.warning("%s: %s; that benchmark and the average stay blank", model_dir, line)
 
     target = Path(results_path) if results_path else (
         Path(model_dir) / RESULTS_FILENAME if Path(model_dir).is_dir() else None)
