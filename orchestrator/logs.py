@@ -160,7 +160,9 @@ def quiet_ray_train() -> None:
     """Summarise Ray Train's worker and controller output (see the module doc). The filters
     sit on the loggers that create the records, so they outlast the `dictConfig` with which
     Ray Train sets up its controller and worker logging (it resets levels and handlers of
-    those loggers, never their filters); they run before any Ray Train module is imported."""
+    those loggers, never their filters); they run before any Ray Train module is imported.
+    Ray Train's own log files in the Ray session directory get the same, summarised records
+    (`LETHE_QUIET_WORKERS=0` keeps every line there and in the console)."""
     for name in CHATTY_RAY_TRAIN_LOGGERS:
         _add_filter(logging.getLogger(name), _WarningsOnly)
     for name in ONE_LINE_WARNING_LOGGERS:
