@@ -176,8 +176,7 @@ class DeepSpeedEngine:
         self.frozen = any(not p.requires_grad for p in loss_model.parameters())
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                           batch["target_class"])
+        return self.engine(**batch)  # TokenLossModel.forward's names (loss.target_rows)
 
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)  # divides by gas: Normalizer.scale accounts for it
@@ -232,8 +231,7 @@ class DDPEngine:
         amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                if self.autocast_dtype is not None else contextlib.nullcontext())
         with amp:
-            return self.wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                batch["target_class"])
+            return self.wrapped(**batch)
 
     def backward(self, loss: Tensor) -> None:
         # Divide by gas like DeepSpeed does, so Normalizer.scale is the same for both engines.

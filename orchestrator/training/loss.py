@@ -23,28 +23,59 @@ from orchestrator.training.collate import IGNORE_INDEX
 
 
 class TokenLossModel(nn.Module):
-    """forward(input_ids, attention_mask, labels, target_class) -> (ce_rows, class_rows).
+    """forward(input_ids, attention_mask, rows, targets, row_class) -> (ce_rows, class_rows).
 
-    Only rows with a target (labels != IGNORE_INDEX) reach the head, so logits exist for a
-    chunk of target rows at a time, never for padding or prompt tokens.
+    Only rows with a target reach the head, so logits exist for a chunk of target rows at a
+    time, never for padding or prompt tokens. Which rows those are is worked out on the host
+    (`target_rows`) before the batch moves: picking them on the device (`nonzero`) and
+    range-checking the targets there would each wait for the GPU before the decoder's
+    kernels could even be queued, on every micro-batch. The older signature
+    (input_ids, attention_mask, labels, target_class) still works (it picks on the device).
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 4096) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        # Read before an engine wraps the model: ZeRO-3 leaves an empty stub in its place.
+        weight = decoder_and_head(model)[1]
+        self.vocab_size = int(getattr(weight, "ds_shape", weight.shape)[0])
 
     def head_weight(self) -> nn.Parameter:
         return decoder_and_head(self.model)[1]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                target_class: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
+                target_class: Tensor | None = None, *, rows: Tensor | None = None,
+                targets: Tensor | None = None,
+                row_class: Tensor | None = None) -> tuple[Tensor, Tensor]:
         decoder, weight, bias = decoder_and_head(self.model)
-        rows, targets = prediction_rows(labels, IGNORE_INDEX)
+        checked = rows is not None  # target_rows checked the ids against the vocabulary
+        if rows is None:
+            if labels is None or target_class is None:
+                raise ValueError("TokenLossModel needs rows/targets/row_class or labels/target_class")
+            rows, targets = prediction_rows(labels, IGNORE_INDEX)
+            row_class = target_class.reshape(-1).index_select(0, rows)
+        assert targets is not None and row_class is not None
         ce = decoder_token_ce(decoder, weight, bias, input_ids, rows, targets,
                               attention_mask=attention_mask, chunk_size=self.chunk_size,
-                              ignore_index=IGNORE_INDEX)
-        return ce, target_class.reshape(-1).index_select(0, rows)
+                              ignore_index=IGNORE_INDEX, check_targets=not checked)
+        return ce, row_class
+
+
+def target_rows(batch: dict[str, Tensor], vocab_size: int) -> dict[str, Tensor]:
+    """A collated micro-batch (host tensors) as `TokenLossModel` takes it: input_ids,
+    attention_mask and, for the positions that carry a target, their flat row indices, target
+    ids and classes. The ids are checked against the vocabulary here, on the host."""
+    rows, targets = prediction_rows(batch["labels"], IGNORE_INDEX)
+    bad = (targets < 0) | (targets >= vocab_size)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        row, col = divmod(int(rows[i]), batch["labels"].shape[1])
+        raise ValueError(f"training batch: target id {int(targets[i])} at row {row}, position "
+                         f"{col} is outside the model's vocabulary [0, {vocab_size})")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "rows": rows, "targets": targets,
+            "row_class": batch["target_class"].reshape(-1).index_select(0, rows)}
 
 
 @dataclass

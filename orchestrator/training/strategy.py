@@ -129,9 +129,13 @@ class Strategy:
         """Sum a dict or dataclass of numbers over the ranks, in one collective."""
         return distributed.all_reduce_sums(sums)
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when it is true on at least one."""
-        t = torch.tensor([1.0 if flag else 0.0])
+    def any_rank(self, flag: bool | Tensor) -> bool:
+        """True on every rank when it is true on at least one. A tensor flag is reduced on
+        its own device and read once (one host sync, not one to read it and one after)."""
+        if isinstance(flag, Tensor):
+            t = flag.detach().reshape(-1).to(torch.float32).amax(0, keepdim=True)
+        else:
+            t = torch.tensor([1.0 if flag else 0.0])
         return bool(distributed.all_reduce(t, op=dist.ReduceOp.MAX).item())
 
     def min_over_ranks(self, n: int) -> int:

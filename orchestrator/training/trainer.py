@@ -43,7 +43,13 @@ from orchestrator.training.context import WorkerContext
 from orchestrator.training.data import StepPlan
 from orchestrator.training.export import apply_lora, save_hf_folder, write_json_atomic
 from orchestrator.training.job import TrainJob
-from orchestrator.training.loss import Normalizer, TokenLossModel, objective_for_batch, step_counts
+from orchestrator.training.loss import (
+    Normalizer,
+    TokenLossModel,
+    objective_for_batch,
+    step_counts,
+    target_rows,
+)
 from orchestrator.training.mlflow_logging import TrainingCurves, training_params
 from orchestrator.training.rng_state import load_rng_state, save_rng_state
 from orchestrator.training.strategy import Strategy
@@ -146,6 +152,7 @@ class Trainer:
         self.val_loss: float | None = None
         self.val_step = 0
         self.timing: dict[str, float] = {}
+        self._ce_acc: torch.Tensor | None = None  # [pos, neg] CE sums since the last report
 
     # ------------------------------------------------------------------ setup
 
@@ -189,6 +196,7 @@ class Trainer:
         if t.lora is not None:
             model = apply_lora(model, t.lora.model_dump())
         loss_model = TokenLossModel(model, chunk_size=t.loss_chunk_size).to(self.strategy.device)
+        self.vocab_size = loss_model.vocab_size
         self.strategy.prepare(loss_model, self.plan.total_updates)
         # from_pretrained returns eval mode, and without a validation split nothing else would
         # switch it: gradient checkpointing (HF checks self.training) and dropout would be off.
@@ -249,7 +257,8 @@ class Trainer:
             lam = (lambda_at(step, total, t.lambda_.schedule, t.lambda_.t_max, t.lambda_.t_min)
                    if self.method == "forget" else 0.0)
             for j, batch in enumerate(batches):
-                loss = self._loss_step(strategy.to_device(batch), step, j, lam, norm, sums)
+                tokens = int(batch["attention_mask"].sum())  # a host tensor: no device sync
+                loss = self._loss_step(self._on_device(batch), step, j, lam, norm, sums, tokens)
                 strategy.backward(loss)
                 norm_now = strategy.optimizer_step(boundary=j == gas - 1)
             grad_norm = norm_now
@@ -265,6 +274,7 @@ class Trainer:
             if not (done or ckpt_now or eval_now or self.state.step % log_every == 0):
                 continue
             elapsed = time.perf_counter() - interval_start
+            sums.pos_ce, sums.neg_ce = self._take_ce_sums()
             metrics = self._report_metrics(strategy.all_reduce(sums), elapsed, interval_steps,
                                            lam, grad_norm)
             if eval_now:
@@ -293,9 +303,24 @@ class Trainer:
         self.curves.finish()
         return final
 
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A collated host batch as the loss model takes it (target rows picked on the
+        host, `loss.target_rows`), on the training device."""
+        return self.strategy.to_device(target_rows(batch, self.vocab_size))
+
+    def _take_ce_sums(self) -> tuple[float, float]:
+        """The CE sums of class +1 / -1 since the last report, read from the device once."""
+        acc, self._ce_acc = self._ce_acc, None
+        if acc is None:
+            return 0.0, 0.0
+        pos, neg = acc.tolist()
+        return pos, neg
+
     def _loss_step(self, batch: dict[str, torch.Tensor], step: int, j: int, lam: float,
-                   norm: Normalizer, sums: StepSums) -> torch.Tensor:
-        """The loss of one micro-batch (to backprop), its CE added to `sums`.
+                   norm: Normalizer, sums: StepSums, tokens: int) -> torch.Tensor:
+        """The loss of one micro-batch (to backprop); its counts go into `sums`, its
+        CE sums stay on the device until the next report (`_take_ce_sums`): a host read per
+        micro-batch would wait for the GPU each time.
 
         A non-finite loss on any rank stops the run (train.on_nonfinite="stop") or is
         replaced on every rank by a zero-weight loss of a stand-in batch, so the ranks keep
@@ -305,12 +330,15 @@ class Trainer:
         out = objective_for_batch(ce, cls, mode=self.method, lam=lam,
                                   negative_term=self.train_cfg.negative_term, norm=norm)
         loss = self.ctx.faults.poison(out.loss, step)
-        if not self.strategy.any_rank(not bool(torch.isfinite(loss))):
-            sums.pos_ce += float(out.pos_loss) * out.n_pos if out.n_pos else 0.0
+        # One host sync: the flag is reduced where the loss is, then read.
+        if not self.strategy.any_rank(~torch.isfinite(loss.detach())):
             sums.n_pos += out.n_pos
-            sums.neg_ce += float(out.neg_loss) * out.n_neg if out.n_neg else 0.0
             sums.n_neg += out.n_neg
-            sums.tokens += int(batch["attention_mask"].sum())
+            sums.tokens += tokens
+            zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+            add = torch.stack([out.pos_loss.double() * out.n_pos if out.n_pos else zero,
+                               out.neg_loss.double() * out.n_neg if out.n_neg else zero])
+            self._ce_acc = add if self._ce_acc is None else self._ce_acc + add
             return loss
         if self.train_cfg.on_nonfinite == "stop":
             raise NonFiniteLossError(
@@ -319,7 +347,7 @@ class Trainer:
                 f"{self.method}, lambda {lam:.4g}); set train.on_nonfinite=skip to skip such "
                 "micro-batches")
         self.state.skipped_micro_batches += 1
-        dce, _ = self.strategy.forward(self.strategy.to_device(dummy_batch()))
+        dce, _ = self.strategy.forward(self._on_device(dummy_batch()))
         return dce.sum() * 0.0
 
     def _report_metrics(self, sums: StepSums, elapsed: float, steps: int, lam: float,
@@ -347,14 +375,17 @@ class Trainer:
         micro = self.train_cfg.micro_batch_size
         n_batches = self.strategy.max_over_ranks(-(-len(rows) // micro))
         totals = ValidationSums()
+        ce_sum: torch.Tensor | None = None  # on the device until the end (no sync per batch)
         self.strategy.set_train(False)
         with torch.no_grad():
             for batch, counts in validation_batches(rows, micro, n_batches, self.pad_id):
-                ce, _ = self.strategy.forward(self.strategy.to_device(batch))
+                ce, _ = self.strategy.forward(self._on_device(batch))
                 if counts:
-                    totals.ce += float(ce.double().sum())
+                    part = ce.double().sum()
+                    ce_sum = part if ce_sum is None else ce_sum + part
                     totals.n += ce.numel()
         self.strategy.set_train(True)
+        totals.ce = float(ce_sum) if ce_sum is not None else 0.0
         totals = self.strategy.all_reduce(totals)
         return totals.ce / totals.n if totals.n > 0 else None
 
