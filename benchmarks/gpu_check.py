@@ -35,6 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run throug
 from gpu_check_ops import check_chunked_ce, check_scorer, free  # noqa: E402
 from gpu_check_train import check_all_reduce, check_training  # noqa: E402
 
+# What a lent GPU machine has (with their dependencies), and the wheels carried to it
+# (docs/GPU.md: how). The dry-run test runs this script with exactly these importable.
+ON_GPU_MACHINE = ("torch", "transformers", "ninja")
+CARRIED_WHEELS = ("deepspeed", "hjson", "msgpack", "einops", "py-cpuinfo", "psutil",
+                  "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+                  "typing-extensions", "peft", "accelerate", "pyarrow")
+
 # ------------------------------------------------------------------------------------ main
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_training_support import make_base, make_corpus, make_job
+from test_training_support import make_base, make_corpus, make_job, tiny_spec
 
 from orchestrator.method import token_loss
 from orchestrator.training import distributed, run_training_local
@@ -115,6 +115,35 @@ def test_every_training_collective_goes_through_the_helper(assets, monkeypatch):
     assert {d for _, d in seen} <= set(distributed.backend_devices("cpu:gloo,cuda:nccl"))
 
 
+def test_ray_train_gpu_workers_get_nccl_and_the_helper_serves_it(tmp_path):
+    """Lethe passes no TorchConfig: Ray Train gives GPU workers exactly "nccl" (no CPU
+    backend), which is why host tensors must go through the helper to the current device."""
+    from orchestrator.config import TrainConfig
+    from orchestrator.training.stage import make_trainer
+
+    train = TrainConfig.model_validate({"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1.0})
+    trainer = make_trainer(train, {"jobs": []}, "nccl-check", str(tmp_path))
+    backend = trainer.backend_config.backend
+    assert backend == "nccl", backend
+    assert distributed.backend_devices(backend) == {"cuda": "nccl"}
+
+
+def test_export_barrier_outlasts_ray_trains_process_group_timeout(one_rank_gloo, monkeypatch):
+    """Rank 0 merges and writes the export while the others wait: that wait is on a gloo
+    group whose timeout is far above the one Ray Train gives the NCCL group (30 min)."""
+    from ray.train.torch.config import TorchConfig
+
+    made, waited = [], []
+    real_new_group, real_barrier = dist.new_group, dist.barrier
+    monkeypatch.setattr(dist, "new_group", lambda *a, **kw: made.append(kw) or real_new_group(*a, **kw))
+    monkeypatch.setattr(dist, "barrier", lambda *a, **kw: waited.append(kw) or real_barrier(*a, **kw))
+    distributed.barrier(long_wait=True)
+    distributed.barrier(long_wait=True)
+    assert len(made) == 1 and made[0]["backend"] == "gloo", made  # created once, reused
+    assert made[0]["timeout"].total_seconds() >= 4 * TorchConfig().timeout_s
+    assert len(waited) == 2 and all(w["group"] is distributed._long_wait() for w in waited)
+
+
 def test_local_training_leaves_the_process_environment_as_it_found_it(assets, monkeypatch):
     """The launcher variables a local run sets for its 1-rank group are put back: a process
     started later (a `ray start`, a Ray worker) must not inherit a stale MASTER_PORT."""
@@ -153,6 +182,78 @@ def test_training_runs_in_train_mode_with_checkpointing(assets, monkeypatch):
     result = run_training_local(job)
     assert result.steps == 2
     assert calls["n"] == 2 * 2, calls  # 2 layers x 2 micro-batches (forward side)
+
+
+def test_zero3_lora_trains_in_train_mode_after_validation_and_resume(assets, monkeypatch):
+    """The paper's setting (ZeRO-3, LoRA with dropout, gradient checkpointing) with a
+    validation split evaluated every step and a resume from a checkpoint: every training
+    forward runs in train mode with gradients, and checkpoints every layer; every
+    validation forward runs in eval mode without; the target rows come from the host."""
+    import transformers.modeling_utils as mu
+
+    from orchestrator.training import deepspeed_setup
+
+    tmp, base, data = assets
+    calls = {"n": 0}
+    forwards: list[tuple[bool, bool, bool]] = []
+    real_checkpoint, real_forward = mu.checkpoint, deepspeed_setup.DeepSpeedEngine.forward
+
+    def counting(fn, *args, **kwargs):
+        calls["n"] += 1
+        return real_checkpoint(fn, *args, **kwargs)
+
+    def watched(self, batch):
+        forwards.append((self.engine.module.training, torch.is_grad_enabled(), "rows" in batch))
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(mu, "checkpoint", counting)
+    monkeypatch.setattr(deepspeed_setup.DeepSpeedEngine, "forward", watched)
+    job = make_job(tmp, base, data, method="forget", name="z3-modes", max_steps=3,
+                   micro_batch_size=4, gradient_checkpointing=True, checkpoint_every=1,
+                   eval_every=1, deepspeed="configs/deepspeed/zero3.json",
+                   lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]})
+    job.validation_path = str(make_corpus(tmp / "z3-valid.parquet", n=4, seed=5, noise=0.0))
+    job.test_hooks = {"_fail_once_at_step": 2}
+    layers = 2
+    for expect_steps in (2, 1):  # fails after step 2's checkpoint, then resumes for step 3
+        calls["n"], forwards[:] = 0, []
+        if expect_steps == 2:
+            with pytest.raises(RuntimeError, match="injected failure"):
+                run_training_local(job)
+        else:
+            result = run_training_local(job)
+            assert result.steps == 3 and result.metrics["resumed_from_step"] == 2
+            assert result.metrics["zero_stage"] == 3
+        training = [f for f in forwards if f[1]]
+        validation = [f for f in forwards if not f[1]]
+        assert len(training) == expect_steps and len(validation) >= expect_steps, forwards
+        assert all(mode for mode, _, _ in training), forwards
+        assert not any(mode for mode, _, _ in validation), forwards
+        assert all(rows for _, _, rows in forwards), forwards
+        assert calls["n"] == layers * len(training), (calls, forwards)
+
+
+def test_target_rows_on_the_host_match_the_device_path(assets):
+    """`target_rows` picks the rows the loss model would pick itself, and a target outside
+    the vocabulary is named on the host, with its row and position."""
+    from orchestrator.models import load_model
+    from orchestrator.training.collate import collate
+    from orchestrator.training.loss import TokenLossModel, target_rows
+
+    _, base, _ = assets
+    model = TokenLossModel(load_model(base, tiny_spec()), chunk_size=5).eval()
+    ids = [torch.arange(10, 22).numpy(), torch.arange(40, 47).numpy()]
+    cls = [torch.tensor([0, 0, 1, 1, -1, 1, 0, 1, 1, -1, 1, 1]).numpy(),
+           torch.tensor([0, 1, 1, -1, 1, 1, 1]).numpy()]
+    batch = collate(ids, cls, pad_id=0)
+    with torch.no_grad():
+        ce_old, cls_old = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                batch["target_class"])
+        ce_new, cls_new = model(**target_rows(batch, model.vocab_size))
+    assert torch.equal(ce_old, ce_new) and torch.equal(cls_old, cls_new)
+    batch["labels"][1, 3] = model.vocab_size + 7
+    with pytest.raises(ValueError, match=rf"target id {model.vocab_size + 7} at row 1, position 3"):
+        target_rows(batch, model.vocab_size)
 
 
 # ---------------------------------------------- checkpoints without the frozen base (point 4)
@@ -199,6 +300,49 @@ def test_scoring_and_loading_refuse_cuda_without_cuda(assets):
         load_model(base, device="cuda")
     with pytest.raises(RuntimeError, match="no CUDA device is visible"):
         TokenScorer(base, base, device="cuda")
+
+
+def test_scoring_actors_follow_the_config_device_and_attention(assets):
+    """An actor that reserved GPUs scores on CUDA (and fails clearly without one), a CPU
+    actor on CPU, whatever is visible; the model's attention implementation reaches it."""
+    from orchestrator.config_sections import ScoringConfig
+    from orchestrator.scoring.scorer import TokenScorer
+    from orchestrator.scoring.stage import _scorer_kwargs
+
+    _, base, _ = assets
+    gpu = _scorer_kwargs(base, base, ScoringConfig(num_gpus_per_actor=1), False, "eager")
+    cpu = _scorer_kwargs(base, base, ScoringConfig(num_gpus_per_actor=0), False, "eager")
+    assert gpu["device"] == "cuda" and cpu["device"] == "cpu"
+    assert gpu["attn_implementation"] == cpu["attn_implementation"] == "eager"
+    cpu.pop("packing")
+    scorer = TokenScorer(**cpu)
+    assert {m.config._attn_implementation for m in scorer.models.values()} == {"eager"}
+
+
+def test_load_model_puts_weights_straight_on_the_gpu(assets, monkeypatch):
+    """device="cuda:1": from_pretrained gets device_map={"": cuda:1}, so the weights are
+    read straight into GPU memory, never staged as a full copy in host RAM first."""
+    from orchestrator.models import loading
+
+    _, base, _ = assets
+    seen = {}
+
+    class Loaded:
+        def to(self, device):
+            seen["to"] = device
+            return self
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    loading.load_model(base, device="cuda:1", dtype=torch.bfloat16)
+    assert seen["device_map"] == {"": torch.device("cuda", 1)}
+    seen.clear()
+    loading.load_model(base, device="cpu")
+    assert "device_map" not in seen and seen["to"] == "cpu"
 
 
 @NO_CUDA
@@ -263,21 +407,103 @@ def test_deepspeed_configs_overlap_communication():
         assert cfg["zero_optimization"]["overlap_comm"] is True, name
 
 
-@pytest.mark.slow  # ~25 s of CPU (+ DeepSpeed's one-time shm-comm compile on a fresh machine)
+def test_paper_lora_configs_keep_the_base_whole_on_each_gpu():
+    """Every paper config trains LoRA adapters on a base whose bf16 weights fit one GPU
+    (8B at most): ZeRO-2, since ZeRO-3 would all-gather the frozen base every micro-batch."""
+    import yaml
+
+    for path in sorted((REPO / "configs" / "paper").glob("*.yaml")):
+        train = yaml.safe_load(path.read_text())["train"]
+        assert train.get("lora"), path.name
+        assert train["deepspeed"] == "configs/deepspeed/zero2.json", (path.name, train["deepspeed"])
+
+
+def _gpu_check_constants() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ON_GPU_MACHINE, module.CARRIED_WHEELS
+
+
+def _gpu_machine_site(folder: Path) -> set[str]:
+    """A site folder holding what a lent GPU machine has (torch, transformers, ninja and
+    their dependencies) plus the carried wheels, as links into this environment: run with
+    `python -S` and this folder on PYTHONPATH, nothing else is importable (no Ray, MLflow,
+    pandas, scipy, lm-eval...), and transformers' is-X-available checks see what it would."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    there, carried = _gpu_check_constants()
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in (*there, *carried)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    folder.mkdir(parents=True)
+    for name in seen:
+        dist = md.distribution(name)
+        root = Path(dist.locate_file(""))
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top in ("..", "__pycache__") or top.endswith(".pth"):
+                continue
+            if not (folder / top).exists() and (root / top).exists():
+                (folder / top).symlink_to(root / top)
+    return seen
+
+
+def test_docs_gpu_lists_the_carried_wheels():
+    """docs/GPU.md's wheel-building block names every wheel the dry run carries, and no Ray."""
+    import re
+
+    from packaging.utils import canonicalize_name
+
+    _, carried = _gpu_check_constants()
+    block = (REPO / "docs" / "GPU.md").read_text().split("mkdir wheels", 1)[1].split("```", 1)[0]
+    names = {canonicalize_name(w.split("==")[0]) for w in block.split()
+             if re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*(==[\w.]+)?", w)}
+    assert {canonicalize_name(w) for w in carried} <= names, names
+    assert "ray" not in names
+
+
+@pytest.mark.slow  # ~20 s of CPU
 def test_gpu_check_dry_run(tmp_path):
-    """The script a lent GPU machine runs, on CPU with tiny shapes, with Ray made unimportable."""
+    """The script a lent GPU machine runs, on CPU with tiny shapes, importing only what
+    that machine would have (Ray, MLflow and the rest are not importable)."""
     out = tmp_path / "gpu_check.json"
-    # `sys.modules["ray"] = None` makes `import ray` fail as if Ray were not installed.
-    runner = ("import runpy, sys; sys.modules['ray'] = None; "
-              f"sys.argv = ['gpu_check.py', '--dry-run', '--out', {str(out)!r}]; "
-              "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
+    site = tmp_path / "gpu-machine-site"
+    dists = _gpu_machine_site(site)
+    assert "ray" not in dists and "mlflow" not in dists and "torch" in dists
+    # DeepSpeed's CPU accelerator would JIT-build its shared-memory all-reduce op (a GPU run
+    # never builds it); keyed to the package path, building it from `site` would also force
+    # a rebuild of the shared torch-extension cache for every other test.
+    runner = ("import runpy, sys\n"
+              "import deepspeed.ops\n"
+              "deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'] = False\n"
+              f"sys.argv = ['gpu_check.py', '--dry-run', '--out', {str(out)!r}]\n"
+              "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')\n")
     # Nothing of this process's process groups leaks in (a bound MASTER_PORT would).
     env = {k: v for k, v in os.environ.items() if not k.startswith("MASTER_")}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{REPO}"
+    env["DS_ACCELERATOR"] = "cpu"
     import resource
 
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-c", runner], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-S", "-c", runner], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU time, not wall time: the shared test machine's load must not fail the test.
