@@ -166,7 +166,7 @@ def test_two_lethe_runs_on_one_config_compute_each_stage_once(ray_local, tmp_pat
 
     # "[lethe] stage <name> <key>  running|cached": each stage key is computed ("running")
     # by exactly one process, and both processes went through the same stages.
-    stage_line = re.compile(r"\[lethe\] stage (\S+)\s+([0-9a-f]{16})\s+(running|cached)")
+    stage_line = re.compile(r"\[lethe\] (?:\d\d:\d\d:\d\d )?stage (\S+)\s+([0-9a-f]{16})\s+(running|cached)")
     seen = [{(m[1], m[2]): m[3] for m in stage_line.finditer(t)} for t in texts]
     assert seen[0].keys() == seen[1].keys(), (seen, texts[1][-3000:])
     names = {name for name, _ in seen[0]}

@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator.cache import Stage, atomic_write_json, path_fingerprint
 from orchestrator.config import ExperimentConfig
+from orchestrator.logs import stage_key_line
 from orchestrator.pipeline import stages as S
 from orchestrator.tracking.target import RunLabel
 
@@ -133,8 +134,8 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
     # config waits for it and then finds it done instead of evaluating it again.
     todo = {label: wanted[label] for label, st in stages.items() if not st.open()}
     for label, st in stages.items():
-        print(f"[lethe] stage eval       {st.key}  {'running' if label in todo else 'cached'}"
-              f"  ({label})", flush=True)
+        print(stage_key_line("eval", st.key, "running" if label in todo else "cached",
+                             f"({label})"), flush=True)
     if todo:
         if in_process:
             # As configured, not as visible: the runner fails clearly when GPUs were asked

@@ -18,6 +18,7 @@ from typing import Any
 
 from orchestrator.cache import Stage, path_fingerprint
 from orchestrator.config import ExperimentConfig, ModelSpec
+from orchestrator.logs import stage_key_line
 
 _BASE_BUILD_LOCK = threading.Lock()
 
@@ -51,7 +52,7 @@ def _open(cfg: ExperimentConfig, name: str, inputs: dict[str, Any]) -> tuple[Sta
     prepared when it is not (a run that holds it elsewhere is waited for, then re-checked)."""
     st = Stage(stages_root(cfg), name, inputs)
     cached = st.open()
-    print(f"[lethe] stage {name:<10} {st.key}  {'cached' if cached else 'running'}", flush=True)
+    print(stage_key_line(name, st.key, "cached" if cached else "running"), flush=True)
     return st, cached
 
 
