@@ -255,6 +255,21 @@ def test_launcher_starts_ray_with_token_auth_and_a_local_dashboard():
     assert "~/.ray/auth_token" in cfg["file_mounts"]
 
 
+def test_job_runtime_envs_quiet_their_workers_like_a_local_run():
+    """A job's log is a file, never a terminal: every job runtime env carries the switches
+    `lethe run` sets off a terminal (logs.QUIET_ENV) and the hook that applies them."""
+    from orchestrator.logs import QUIET_ENV
+
+    envs = {p.name: yaml.safe_load(p.read_text()) for p in CLUSTER.glob("runtime_env*.yaml")}
+    docs = yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    job = next(d for d in docs if d and d.get("kind") == "RayJob")
+    envs["kuberay-rayjob.yaml"] = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert len(envs) == 3
+    for name, env in envs.items():
+        assert env["worker_process_setup_hook"] == "orchestrator.logs.worker_setup", name
+        assert {k: env["env_vars"].get(k) for k in QUIET_ENV} == QUIET_ENV, name
+
+
 def test_runtime_envs_hold_no_credentials():
     for path in CLUSTER.glob("runtime_env*.yaml"):
         env = yaml.safe_load(path.read_text()).get("env_vars", {})
