@@ -115,6 +115,19 @@ def test_every_training_collective_goes_through_the_helper(assets, monkeypatch):
     assert {d for _, d in seen} <= set(distributed.backend_devices("cpu:gloo,cuda:nccl"))
 
 
+def test_host_tensors_are_never_handed_to_nccl(assets, monkeypatch):
+    """A group that reports exactly "nccl" (Ray Train's GPU workers): the helper sends host
+    tensors to the CUDA device NCCL serves, never reduces them where they are. Without CUDA
+    it says so, from the training loop's first collective on, instead of NCCL's "No
+    backend type associated with device type cpu" mid-run."""
+    tmp, base, data = assets
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cuda:nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="reduces CUDA tensors only"):
+        run_training_local(make_job(tmp, base, data, method="forget", name="nccl-host",
+                                    max_steps=1, micro_batch_size=4))
+
+
 def test_ray_train_gpu_workers_get_nccl_and_the_helper_serves_it(tmp_path):
     """Lethe passes no TorchConfig: Ray Train gives GPU workers exactly "nccl" (no CPU
     backend), which is why host tensors must go through the helper to the current device."""
