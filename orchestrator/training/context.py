@@ -144,6 +144,7 @@ class RayContext:
     def __init__(self, config: dict[str, Any]) -> None:
         import ray.train
 
+        _quiet_per_report_logs()
         self._train = ray.train
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -198,6 +199,19 @@ class RayContext:
             return
         with ckpt.as_directory() as d:
             yield Path(d)
+
+
+def _quiet_per_report_logs() -> None:
+    """Ray Train V2 logs every `ray.train.report` (the whole metrics dict) at INFO from each
+    worker to the driver's console; the curves already go to MLflow and the progress line,
+    so keep only its warnings. (Here, not in the loop: a run without Ray must not import it.)"""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+    except ImportError:  # a private module: a Ray that moves it keeps its INFO lines
+        return
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
 
 def read_rank_shard(config: dict[str, Any], rank: int, world: int) -> TokenRows:

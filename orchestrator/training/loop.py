@@ -37,7 +37,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     resolved: `backend` ("ray" or local), `deepspeed_config` (dict or None),
     `keep_sample_ids`. Returns the (last) job's final metrics (also reported and, on rank 0,
     written to each job's metrics.json)."""
-    _quiet_per_report_logs()
     jobs = _job_configs(config)
     first = next(jobs, None)
     if first is None:  # a training session closed before its first job
@@ -80,16 +79,3 @@ def _release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _quiet_per_report_logs() -> None:
-    """Ray Train V2 logs every `ray.train.report` (the whole metrics dict) at INFO from each
-    worker to the driver's console; the curves already go to MLflow and the progress line,
-    so keep only its warnings."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context as ray_train_context
-    except ImportError:  # no Ray (a GPU box running the plain loop): nothing to quiet
-        return
-    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
