@@ -21,7 +21,7 @@ tune-demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q -x -rs --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

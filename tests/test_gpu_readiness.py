@@ -303,6 +303,33 @@ def test_gpu_config_fails_clearly_without_cuda(assets):
     assert not Path(job.output_dir, "metrics.json").exists()
 
 
+def test_embedded_ray_without_gpus_refuses_a_gpu_config_at_start(monkeypatch):
+    """The embedded instance has no autoscaler: a GPU stage it cannot place would wait
+    forever. `lethe run` fails at Ray's start instead, naming the fields; a CPU config and a
+    remote cluster (which may add GPU nodes) are left alone."""
+    import ray
+
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.pipeline import run as pipeline_run
+
+    paper = load_config(str(REPO / "configs/paper/llama3.2-1b.yaml"))
+    short = pipeline_run.local_gpu_shortfall(paper, 0.0)
+    assert any("train.use_gpu" in s or "train.gpus_per_worker" in s for s in short), short
+    assert pipeline_run.local_gpu_shortfall(paper, 64.0) == []
+    assert pipeline_run.local_gpu_shortfall(load_config(str(REPO / "configs/demo.yaml")), 0.0) == []
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    paper.ray.address = None
+    with pytest.raises(ConfigError, match=r"asks for GPUs, but the embedded Ray instance sees 0"):
+        pipeline_run.init_ray(paper)
+    assert calls == ["init", "shutdown"]  # the instance it started is stopped again
+
+
 @NO_CUDA
 def test_scoring_and_loading_refuse_cuda_without_cuda(assets):
     from orchestrator.models import load_model

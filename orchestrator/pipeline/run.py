@@ -94,6 +94,29 @@ def init_ray(cfg: ExperimentConfig) -> None:
             os.environ.setdefault(name, value)
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard,
                  dashboard_host="127.0.0.1", runtime_env={"env_vars": env, **hook})
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        short = local_gpu_shortfall(cfg, gpus)
+        if short:
+            ray.shutdown()
+            from orchestrator.config import ConfigError
+
+            raise ConfigError(f"the config asks for GPUs, but the embedded Ray instance sees "
+                              f"{gpus:g}: " + "; ".join(short) + ". Set those fields to 0 / "
+                              "false to run on CPU, or give ray.address of a cluster with GPUs")
+
+
+def local_gpu_shortfall(cfg: ExperimentConfig, gpus: float) -> list[str]:
+    """The GPU asks the embedded instance cannot place, each naming its config field. It has
+    no autoscaler, so such a stage would wait for GPUs forever instead of failing (a cluster
+    may add GPU nodes on demand: there the wait is right, and `lethe plan` reports it)."""
+    import dataclasses
+
+    from orchestrator.pipeline.plan import placement_problems, stage_asks
+
+    # GPU only: CPU and memory are not this check's business.
+    asks = [dataclasses.replace(a, each={"GPU": a.each["GPU"]})
+            for a in stage_asks(cfg) if a.each.get("GPU", 0.0) > 0]
+    return placement_problems(asks, {"GPU": gpus}, [])
 
 
 class TrainingSlots:
