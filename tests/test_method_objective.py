@@ -180,3 +180,33 @@ def test_validation_errors():
         forgetting_objective(ce, torch.tensor([1, 2, 0, 0, 0, 0]), mode="sft")
     with pytest.raises(ValueError, match="lam"):
         forgetting_objective(ce, cls, mode="forget", lam=-0.1)
+
+
+@pytest.mark.parametrize("mode,term,norm", [("sft", "ascent", "micro_batch"),
+                                            ("ignore", "ascent", "global"),
+                                            ("forget", "ascent", "global"),
+                                            ("forget", "unlikelihood", "micro_batch")])
+def test_host_class_counts_give_the_same_objective_without_reading_the_device(
+        monkeypatch, mode, term, norm):
+    """Counts from the caller (counted on the host before the batch moved) give the very same
+    loss, gradient and per-class means, and the objective reads nothing back from its tensors
+    (on a GPU each read waits for the device)."""
+    glob = {"global_pos_count": 5.0, "global_neg_count": 3.0} if norm == "global" else {}
+    ce_a, cls = _inputs()
+    ref = forgetting_objective(ce_a, cls, mode=mode, lam=0.3, negative_term=term,
+                               normalization=norm, **glob)
+    ref.loss.backward()
+
+    def no_read(self, *a, **k):
+        raise AssertionError("the objective read a tensor back to the host")
+
+    ce_b, _ = _inputs()
+    with monkeypatch.context() as m:
+        for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+            m.setattr(torch.Tensor, name, no_read)
+        out = forgetting_objective(ce_b, cls, mode=mode, lam=0.3, negative_term=term,
+                                   normalization=norm, class_counts=(3, 2), **glob)
+    out.loss.backward()
+    assert torch.equal(out.loss, ref.loss) and torch.equal(ce_b.grad, ce_a.grad)
+    assert torch.equal(out.pos_loss, ref.pos_loss) and torch.equal(out.neg_loss, ref.neg_loss)
+    assert (out.n_pos, out.n_neg) == (ref.n_pos, ref.n_neg) == (3, 2)

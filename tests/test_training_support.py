@@ -189,3 +189,12 @@ def test_job_round_trips_and_rejects_bad_method(tmp_path):
     assert again.to_dict() == job.to_dict() and again.train_config().lr == 3e-3
     with pytest.raises(ValueError, match="method must be one of"):
         make_job(tmp_path, "base", tmp_path / "d.parquet", method="forgett")
+
+
+def test_row_class_counts_are_counted_and_checked_on_the_host():
+    from orchestrator.training.loss import row_class_counts
+
+    assert row_class_counts(torch.tensor([1, -1, 0, 1, 1, -1], dtype=torch.int8)) == (3, 2)
+    assert row_class_counts(torch.tensor([], dtype=torch.int8)) == (0, 0)
+    with pytest.raises(ValueError, match="found 2 at target row 3"):
+        row_class_counts(torch.tensor([1, 0, -1, 2], dtype=torch.int8))

@@ -97,11 +97,16 @@ def forgetting_objective(
     normalization: str = "micro_batch",
     global_pos_count: float | None = None,
     global_neg_count: float | None = None,
+    class_counts: tuple[int, int] | None = None,
 ) -> ObjectiveOutput:
     """Objective over per-token CE (any shape) and classes (+1 pos, -1 neg, 0 not trained).
 
     Global counts are the class +1 / class -1 counts of the whole optimizer step; "sft"
     divides by their sum, "ignore" needs only global_pos_count. See the module docstring.
+    `class_counts` = (+1 count, -1 count) of `token_class`, from a caller that counted and
+    checked the classes on the host before the batch moved to an accelerator: the objective
+    then reads nothing back from the device (counting there waits for the GPU every
+    micro-batch). They are trusted, not re-checked.
     """
     _choice("mode", mode, MODES)
     _choice("negative_term", negative_term, NEGATIVE_TERMS)
@@ -121,9 +126,12 @@ def forgetting_objective(
     ce = token_ce.float()
     pos = token_class == 1
     neg = token_class == -1
-    bad = ~(pos | neg | (token_class == 0))
-    # One host sync for all three counts.
-    n_pos, n_neg, n_bad = torch.stack([pos.sum(), neg.sum(), bad.sum()]).tolist()
+    if class_counts is not None:
+        n_pos, n_neg, n_bad = int(class_counts[0]), int(class_counts[1]), 0
+    else:
+        bad = ~(pos | neg | (token_class == 0))
+        # One host sync for all three counts.
+        n_pos, n_neg, n_bad = torch.stack([pos.sum(), neg.sum(), bad.sum()]).tolist()
     if n_bad:
         where = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(

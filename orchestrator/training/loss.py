@@ -107,14 +107,28 @@ def step_counts(batches: list[dict[str, Tensor]]) -> Tensor:
     return tc.to(torch.float64)
 
 
+def row_class_counts(row_class: Tensor) -> tuple[int, int]:
+    """(+1 count, -1 count) of a micro-batch's target-row classes, counted and checked on
+    the host (`target_rows` output, before it moves), so the objective needs no device read."""
+    bad = (row_class != 1) & (row_class != -1) & (row_class != 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"training batch: target_class must be -1, 0 or +1; found "
+                         f"{int(row_class[i])} at target row {i}")
+    return int((row_class == 1).sum()), int((row_class == -1).sum())
+
+
 def objective_for_batch(ce: Tensor, cls: Tensor, *, mode: str, lam: float, negative_term: str,
-                        norm: Normalizer) -> ObjectiveOutput:
-    """The method core's objective on the target rows, scaled for the engine's averaging."""
+                        norm: Normalizer, class_counts: tuple[int, int] | None = None,
+                        ) -> ObjectiveOutput:
+    """The method core's objective on the target rows, scaled for the engine's averaging.
+    `class_counts`: `row_class_counts` of the host batch (no device read for them)."""
     out = forgetting_objective(
         ce, cls, mode=mode, lam=lam, negative_term=negative_term,
         normalization=norm.normalization,
         global_pos_count=norm.global_pos if norm.normalization == "global" else None,
         global_neg_count=norm.global_neg if norm.normalization == "global" else None,
+        class_counts=class_counts,
     )
     out.loss = out.loss * norm.scale
     return out

@@ -47,6 +47,7 @@ from orchestrator.training.loss import (
     Normalizer,
     TokenLossModel,
     objective_for_batch,
+    row_class_counts,
     step_counts,
     target_rows,
 )
@@ -258,7 +259,9 @@ class Trainer:
                    if self.method == "forget" else 0.0)
             for j, batch in enumerate(batches):
                 tokens = int(batch["attention_mask"].sum())  # a host tensor: no device sync
-                loss = self._loss_step(self._on_device(batch), step, j, lam, norm, sums, tokens)
+                host = target_rows(batch, self.vocab_size)
+                loss = self._loss_step(self.strategy.to_device(host), step, j, lam, norm, sums,
+                                       tokens, row_class_counts(host["row_class"]))
                 strategy.backward(loss)
                 norm_now = strategy.optimizer_step(boundary=j == gas - 1)
             grad_norm = norm_now
@@ -317,7 +320,8 @@ class Trainer:
         return pos, neg
 
     def _loss_step(self, batch: dict[str, torch.Tensor], step: int, j: int, lam: float,
-                   norm: Normalizer, sums: StepSums, tokens: int) -> torch.Tensor:
+                   norm: Normalizer, sums: StepSums, tokens: int,
+                   class_counts: tuple[int, int] | None = None) -> torch.Tensor:
         """The loss of one micro-batch (to backprop); its counts go into `sums`, its
         CE sums stay on the device until the next report (`_take_ce_sums`): a host read per
         micro-batch would wait for the GPU each time.
@@ -328,7 +332,8 @@ class Trainer:
         """
         ce, cls = self.strategy.forward(batch)
         out = objective_for_batch(ce, cls, mode=self.method, lam=lam,
-                                  negative_term=self.train_cfg.negative_term, norm=norm)
+                                  negative_term=self.train_cfg.negative_term, norm=norm,
+                                  class_counts=class_counts)
         loss = self.ctx.faults.poison(out.loss, step)
         # One host sync: the flag is reduced where the loss is, then read.
         if not self.strategy.any_rank(~torch.isfinite(loss.detach())):
