@@ -212,11 +212,15 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def _clock(when: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(time.time() if when is None else when))
+
+
 def stage_line(stage: str, model: str = "-", event: str = "done", seconds: float | None = None,
                detail: str = "", when: float | None = None) -> str:
     """`[lethe] 08:21:07 stage reference   tiny-llama  done      35.2 s  <detail>`: fixed
     columns, so a log can be grepped and read as a table."""
-    clock = time.strftime("%H:%M:%S", time.localtime(time.time() if when is None else when))
+    clock = _clock(when)
     took = "" if seconds is None else format_duration(seconds)
     line = f"[lethe] {clock} stage {stage:<11} {model:<12} {event:<8} {took:>9}"
     return f"{line}  {detail}".rstrip() if detail else line.rstrip()
@@ -227,7 +231,7 @@ def stage_key_line(stage: str, key: str, state: str, detail: str = "",
     """`[lethe] 08:21:07 stage reference   f3fe30f4407f674b  running  (tiny-llama/forget/s0)`:
     a stage's cache key found `cached` or being computed (`running`), timed like the
     `stage_line` that reports its end."""
-    clock = time.strftime("%H:%M:%S", time.localtime(time.time() if when is None else when))
+    clock = _clock(when)
     line = f"[lethe] {clock} stage {stage:<11} {key}  {state}"
     return f"{line}  {detail}" if detail else line
 

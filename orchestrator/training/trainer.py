@@ -258,10 +258,8 @@ class Trainer:
             lam = (lambda_at(step, total, t.lambda_.schedule, t.lambda_.t_max, t.lambda_.t_min)
                    if self.method == "forget" else 0.0)
             for j, batch in enumerate(batches):
-                tokens = int(batch["attention_mask"].sum())  # a host tensor: no device sync
-                host = target_rows(batch, self.vocab_size)
-                loss = self._loss_step(self.strategy.to_device(host), step, j, lam, norm, sums,
-                                       tokens, row_class_counts(host["row_class"]))
+                loss = self._loss_step(target_rows(batch, self.vocab_size), step, j, lam, norm,
+                                       sums)
                 strategy.backward(loss)
                 norm_now = strategy.optimizer_step(boundary=j == gas - 1)
             grad_norm = norm_now
@@ -319,27 +317,28 @@ class Trainer:
         pos, neg = acc.tolist()
         return pos, neg
 
-    def _loss_step(self, batch: dict[str, torch.Tensor], step: int, j: int, lam: float,
-                   norm: Normalizer, sums: StepSums, tokens: int,
-                   class_counts: tuple[int, int] | None = None) -> torch.Tensor:
+    def _loss_step(self, host: dict[str, torch.Tensor], step: int, j: int, lam: float,
+                   norm: Normalizer, sums: StepSums) -> torch.Tensor:
         """The loss of one micro-batch (to backprop); its counts go into `sums`, its
         CE sums stay on the device until the next report (`_take_ce_sums`): a host read per
-        micro-batch would wait for the GPU each time.
+        micro-batch would wait for the GPU each time. `host` is the micro-batch as
+        `target_rows` gives it, still on the host: its token and class counts are read
+        there, before it moves.
 
         A non-finite loss on any rank stops the run (train.on_nonfinite="stop") or is
         replaced on every rank by a zero-weight loss of a stand-in batch, so the ranks keep
         stepping together.
         """
-        ce, cls = self.strategy.forward(batch)
+        ce, cls = self.strategy.forward(self.strategy.to_device(host))
         out = objective_for_batch(ce, cls, mode=self.method, lam=lam,
                                   negative_term=self.train_cfg.negative_term, norm=norm,
-                                  class_counts=class_counts)
+                                  class_counts=row_class_counts(host["row_class"]))
         loss = self.ctx.faults.poison(out.loss, step)
         # One host sync: the flag is reduced where the loss is, then read.
         if not self.strategy.any_rank(~torch.isfinite(loss.detach())):
             sums.n_pos += out.n_pos
             sums.n_neg += out.n_neg
-            sums.tokens += tokens
+            sums.tokens += int(host["attention_mask"].sum())
             zero = torch.zeros((), dtype=torch.float64, device=loss.device)
             add = torch.stack([out.pos_loss.double() * out.n_pos if out.n_pos else zero,
                                out.neg_loss.double() * out.n_neg if out.n_neg else zero])
