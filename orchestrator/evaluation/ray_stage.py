@@ -21,8 +21,7 @@ from orchestrator.evaluation.runner import evaluate_model
 
 def _evaluate_batch_body(model_dirs: dict[str, str], cfg_dict: dict,
                          include_path: str | None,
-                         revisions: dict[str, str] | None = None,
-                  max_tasks: int | None = None) -> dict[str, dict]:
+                         revisions: dict[str, str] | None = None) -> dict[str, dict]:
     """{name: model_dir} -> {name: {"metrics": ...} or {"error": "..."}}: one failing model
     does not lose the others' results."""
     # The config travels as a plain dict: pydantic models pickle fine, but a dict keeps the

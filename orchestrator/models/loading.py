@@ -83,8 +83,6 @@ def load_model(
     return model.to(device)
 
 
-
-
 def resolve_revision(repo_id: str, revision: str | None = None, *,
                      cache_dir: str | Path | None = None) -> str | None:
     """The commit a hub model id resolves to now (`revision`: a branch, tag or commit; None =
