@@ -22,6 +22,7 @@ import pandas as pd
 from orchestrator.evaluation.benchmarks import AVERAGE, benchmark_scores
 from orchestrator.tracking.compare_plots import bar_charts, effect_chart
 from orchestrator.tracking.effect import CONFIDENCE, PAIRS, PairedEffect, family_effects
+from orchestrator.tracking.power import power_metrics, power_section
 from orchestrator.tracking.target import TrackingTarget
 from orchestrator.tracking.tracker import KIND_TAG, PARENT_TAG, RunLogger
 
@@ -325,14 +326,15 @@ def report_text(runs: pd.DataFrame, partitions: pd.DataFrame, order: CompareOrde
         head = effect_table(records, scale=100.0, digits=2, metrics=head_cols)
         if not head.empty:
             sections += ["", f"Headline differences in points: {legend}", format_table(head),
-                         "Verdict:", *verdict_lines(records, head_cols)]
+                         "Verdict:", *verdict_lines(records, head_cols),
+                         *power_section(records, head_cols, scale=100.0, digits=2)]
         sections += ["", *methods]
     else:
         sections += methods
         diffs = effect_table(records)
         if not diffs.empty:
             sections += ["", f"Paired differences: {legend}", format_table(diffs), "Verdict:",
-                         *verdict_lines(records)]
+                         *verdict_lines(records), *power_section(records)]
     noise = noise_table(partitions, order)
     if not noise.empty:
         sections += ["", "Noise detection by the partition, per family (negative set vs the "
@@ -429,6 +431,7 @@ def summary_metrics(means: pd.DataFrame, stds: pd.DataFrame, records: list[dict[
                     f"{key}/above_noise": float(eff.significant)})
         if rec["metric"] in (headline or []) and eff.mean is not None:
             out[f"{key}/points"] = 100.0 * eff.mean
+    out.update(power_metrics(records))
     for row in partitions.to_dict("records"):
         out.update({f"noise/{row['family']}/{k}": v for k, v in row.items() if k != "family"})
     return {k: v for k, v in out.items() if v is not None and not pd.isna(v)}
