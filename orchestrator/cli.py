@@ -1,6 +1,7 @@
 """The `lethe` command line.
 
     lethe run CONFIG [key.path=value ...] [--until STAGE]   the pipeline (cached stages)
+        [--preflight]                                       ... after the access checks pass (jobs.pipeline)
     lethe tune CONFIG [overrides]                           a Ray Tune sweep over lambda / rho
     lethe compare CONFIG                                    methods table, paired effects, noise detection
     lethe report CONFIG [--out PATH]                        the run as one self-contained HTML page
@@ -9,6 +10,7 @@
     lethe validate CONFIG [overrides]                       print the resolved config
     lethe sync CONFIG                                       send metrics spooled in an MLflow outage
     lethe plan CONFIG [overrides] [--address A]             dry run: stages, cache, steps, resources
+    lethe plan CONFIG --check                               open the data, eval tasks, models, MLflow
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
 def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.pipeline.run import run_pipeline
 
-    run_pipeline(_load(args), until=args.until)
+    run_pipeline(_load(args), until=args.until, preflight=args.preflight)
     return 0
 
 
@@ -127,6 +129,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run_plan(_load(args), address=args.address)
 
 
+    if args.check:  # the access checks only (pipeline/access.py): no Ray, no plan
+        from orchestrator.pipeline.access import run_check_command
+
+        return run_check_command(_load(args))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lethe", description="Token-level forgetting fine-tuning on Ray")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -147,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("compare", "family x method x task table, paired effects over seeds "
                 "(Student-t CI), noise detection per kind").set_defaults(fn=_cmd_compare)
     rep = with_config("report", "write the latest run's self-contained HTML report")
+    run.add_argument("--preflight", action="store_true", help="first run the checks of "
+                     "`lethe plan --check`; stop before any stage when one fails")
     rep.add_argument("--out", default=None, help="where to write it (default runs/<name>/report.html)")
     rep.set_defaults(fn=_cmd_report)
     ui = with_config("ui", "start the MLflow UI on 127.0.0.1")
@@ -169,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_error(exc: BaseException) -> BaseException | None:
     """The Lethe error (or OS error) behind `exc`, or None for anything else (a bug keeps
+    plan.add_argument("--check", action="store_true", help="instead of the plan: open the "
+                      "training data, every evaluation task's dataset, each model's config "
+                      "and tokenizer and the MLflow server, one line each; exit 1 on a failure")
     its traceback). Ray re-raises a task's error as a subclass that also carries `cause`."""
     from orchestrator.data.errors import DataError
     from orchestrator.errors import LetheError

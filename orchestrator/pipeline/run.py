@@ -234,8 +234,11 @@ def _run_stages(cfg: ExperimentConfig, until: Until | None, track: PipelineTrack
     return results
 
 
-def run_pipeline(cfg: ExperimentConfig, until: Until | None = None) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline; returns the comparison rows."""
+def run_pipeline(cfg: ExperimentConfig, until: Until | None = None,
+                 preflight: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the comparison rows. `preflight`: first
+    open everything the run reads (pipeline/access.py, as `lethe plan --check`) and stop
+    before Ray starts when a check fails (jobs.pipeline always does)."""
     from orchestrator.logs import configure_console
 
     t0 = time.time()
@@ -244,6 +247,10 @@ def run_pipeline(cfg: ExperimentConfig, until: Until | None = None) -> dict[str,
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     # Tracking before any stage: an unreachable MLflow server fails here, not after hours of
+    if preflight:
+        from orchestrator.pipeline.access import preflight_or_raise
+
+        preflight_or_raise(cfg)
     # training. Opened beside Ray's start-up (a new sqlite store runs its schema migrations,
     # about 5 s, while Ray's processes start; each alone leaves a core idle).
     with tl.span("ray-init", "-", "startup"), ThreadPoolExecutor(1) as pool:
