@@ -29,26 +29,27 @@ STAGES = UNTIL  # where `lethe run --until` may stop (orchestrator.names.Until)
 DEBUG_HELP = "show the full traceback of an error (default: one line on stderr)"
 
 
-def _offline_defaults() -> None:
-    # Hub access is opt-in: a run that names hub ids on a machine with network access sets
-    # HF_HUB_OFFLINE=0 itself. Everything local works without it.
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    if "DS_ACCELERATOR" not in os.environ:
-        try:
-            import torch
+def _runs_embedded(args: argparse.Namespace) -> bool:
+    """Whether this command runs on the embedded local Ray instance (offline defaults) rather
+    than as, or for, a cluster job (orchestrator/embedded.py). Decided from RAY_ADDRESS, the
+    config's ray.address and `--address`, before anything imports the hub libraries. A
+    preflight (`--check`) asks the hub, so it is never offline by default."""
+    from orchestrator.embedded import joins_cluster
 
-            os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:  # pragma: no cover - torch is a hard dependency
-            pass
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
+    if getattr(args, "check", False):
+        return False
+    try:
+        address = getattr(args, "address", None) or _load(args).ray.address
+    except Exception:  # the command itself reports a bad config, with its own message
+        address = None
+    return not joins_cluster(address)
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.config, list(getattr(args, "overrides", []) or []))
+    # Loaded once per command: _runs_embedded reads it before the command runs.
+    if getattr(args, "loaded_config", None) is None:
+        args.loaded_config = load_config(args.config, list(getattr(args, "overrides", []) or []))
+    return args.loaded_config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -211,8 +212,10 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _offline_defaults()
     args = build_parser().parse_args(argv)
+    from orchestrator.embedded import environment_defaults
+
+    environment_defaults(embedded=_runs_embedded(args))
     debug = bool(getattr(args, "debug", False)) or os.environ.get("LETHE_DEBUG") == "1"
     try:
         return int(args.fn(args))

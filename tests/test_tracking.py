@@ -58,7 +58,10 @@ def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
     cfg = TrackingConfig(tracking_uri="http://127.0.0.1:1")
     assert resolve_tracking_uri(cfg, tmp_path) == "http://127.0.0.1:1"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:2")
-    assert resolve_tracking_uri(cfg, tmp_path) == "http://127.0.0.1:2"
+    # The config's URI is the experiment's explicit choice; the variable is inherited (a
+    # cluster node's, a shell's): it only fills in where the config names none.
+    assert resolve_tracking_uri(cfg, tmp_path) == "http://127.0.0.1:1"
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:2"
 
 
 def _free_port() -> int:

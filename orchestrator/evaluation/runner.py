@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 RESULTS_FILENAME = "eval_results.json"
 # Bookkeeping fields lm-eval puts beside the scores (kept in the raw JSON, not as metrics).
 _NOT_METRICS = {"alias", "name", "sample_len", "sample_count"}
-# Offline always: a missing local file must fail, never fall back to a download.
+# Offline on the embedded instance: a missing local file must fail, never fall back to a
+# download. A cluster job's evaluation reads its task datasets from the hub (embedded.py).
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -180,8 +181,11 @@ def run_lm_eval(lm: Any, cfg: EvaluateConfig, include_path: str | None) -> dict[
     ({"results", "n-shot", "versions", "n-samples", "higher_is_better"})."""
     import lm_eval
 
-    for key, value in _OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    from orchestrator.embedded import in_embedded_instance
+
+    if in_embedded_instance():
+        for key, value in _OFFLINE_ENV.items():
+            os.environ.setdefault(key, value)
     task_manager = build_task_manager(cfg.tasks, include_path)
     merged: dict[str, Any] = defaultdict(dict)
     seeds = {} if cfg.seed is None else {  # as lm-eval's `--seed N` sets all four

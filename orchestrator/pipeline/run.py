@@ -70,6 +70,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
     forwarded = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                  "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
                  "MLFLOW_TRACKING_URI")
+    from orchestrator.embedded import OFFLINE_ENV
     from orchestrator.logs import ray_runtime_env
 
     quiet = ray_runtime_env()  # no progress bars in workers when stdout is not a terminal
@@ -82,6 +83,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
         # MLflow server and S3 need the credentials there. Names are printed, never values.
         creds = credential_env()
         print(f"[lethe] ray.address={cfg.ray.address}: {describe(creds)}", flush=True)
+        # Offline switches belong to the embedded instance (orchestrator/embedded.py): the
+        # cluster reads the hub whatever this shell says.
+        env = {k: v for k, v in env.items() if k not in OFFLINE_ENV}
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": {**env, **creds}, **hook})
     elif os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit`: the job's runtime env (cluster/runtime_env*.yaml) is the

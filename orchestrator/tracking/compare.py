@@ -88,9 +88,10 @@ def mean_std_text(values: list[float], digits: int = 3, scale: float = 1.0) -> s
 def _tracking_uri(uri: str) -> Iterator[None]:
     """mlflow.search_runs reads the process-wide URI: set it for the call, then restore it.
 
-    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which outranks the config in
-    `resolve_tracking_uri`: left behind, it would send a later run in this process (a second
-    pipeline, a sweep) to this store, so the variable is restored exactly too.
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which `resolve_tracking_uri`
+    takes for a config without tracking.tracking_uri: left behind, it would send a later run
+    in this process (a second pipeline, a sweep) to this store, so the variable is restored
+    exactly too.
     """
     import os
 

@@ -24,12 +24,19 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, run_dir: str | Path) -> str:
-    """MLFLOW_TRACKING_URI (env) wins, then tracking.tracking_uri, else a sqlite file in run_dir."""
+    """tracking.tracking_uri when the config sets it, else MLFLOW_TRACKING_URI (env), else a
+    sqlite file in run_dir.
+
+    The config wins because it is the explicit choice of this experiment, while the variable
+    is inherited: from a cluster node (KubeRay pods and the launcher's `ray start` set it to
+    the cluster's MLflow server, docs/CLUSTER.md), a shell, or an earlier `mlflow.set_tracking_uri`
+    in this process. A job for another server sets `tracking.tracking_uri=...` on its
+    entry point."""
+    if cfg.tracking_uri and cfg.tracking_uri.strip():
+        return cfg.tracking_uri.strip()
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
     return default_sqlite_uri(run_dir)
 
 

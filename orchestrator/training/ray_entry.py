@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from orchestrator.embedded import EMBEDDED_ENV  # set by the pipeline's own local instance
+
 
 def train_loop_entry(config: dict[str, Any]) -> dict[str, Any]:
     """Run `training.loop.train_loop_per_worker(config)` on this worker."""
     from orchestrator.training.loop import train_loop_per_worker
 
     return train_loop_per_worker(config)
-
-
-EMBEDDED_ENV = "LETHE_EMBEDDED_RAY"  # set by the pipeline when it starts its own local instance
 
 
 def lean_torch_trainer(*args: Any, **kwargs: Any) -> Any:
