@@ -255,21 +255,6 @@ def test_launcher_starts_ray_with_token_auth_and_a_local_dashboard():
     assert "~/.ray/auth_token" in cfg["file_mounts"]
 
 
-def test_job_runtime_envs_quiet_their_workers_like_a_local_run():
-    """A job's log is a file, never a terminal: every job runtime env carries the switches
-    `lethe run` sets off a terminal (logs.QUIET_ENV) and the hook that applies them."""
-    from orchestrator.logs import QUIET_ENV
-
-    envs = {p.name: yaml.safe_load(p.read_text()) for p in CLUSTER.glob("runtime_env*.yaml")}
-    docs = yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text())
-    job = next(d for d in docs if d and d.get("kind") == "RayJob")
-    envs["kuberay-rayjob.yaml"] = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
-    assert len(envs) == 3
-    for name, env in envs.items():
-        assert env["worker_process_setup_hook"] == "orchestrator.logs.worker_setup", name
-        assert {k: env["env_vars"].get(k) for k in QUIET_ENV} == QUIET_ENV, name
-
-
 def test_runtime_envs_hold_no_credentials():
     for path in CLUSTER.glob("runtime_env*.yaml"):
         env = yaml.safe_load(path.read_text()).get("env_vars", {})
@@ -292,7 +277,7 @@ def test_credentials_from_the_shell_reach_the_runtime_env():
     assert ev["HF_TOKEN"] == SECRET and ev["AWS_SECRET_ACCESS_KEY"] == SECRET
     assert ev["MLFLOW_TRACKING_PASSWORD"] == SECRET
     assert "AWS_PROFILE" not in ev and "HOME" not in ev and "MLFLOW_TRACKING_TOKEN" not in ev
-    assert ev["DS_ACCELERATOR"] == "cuda"  # the YAML's own variables stay
+    assert ev["TORCH_EXTENSIONS_DIR"] == "/tmp/torch_extensions"  # the YAML's own variables stay
     assert env["working_dir"] == "."
     line = describe(ev)
     assert SECRET not in line and "HF_TOKEN" in line and "AWS_SECRET_ACCESS_KEY" in line
@@ -348,6 +333,8 @@ def _init_calls(monkeypatch, address):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    # The embedded branch then checks the config's GPU asks against what Ray sees.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
     cfg = config_from_dict({"name": "t", "models": [{"name": "m", "family": "llama",
                                                      "pretrained": "org/model"}],
                             "ray": {"address": address, "num_cpus": 3}})
@@ -371,9 +358,12 @@ def test_remote_address_forwards_credentials_without_printing_them(monkeypatch, 
     for var in ("HF_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                 "AWS_ACCESS_KEY_ID"):
         monkeypatch.setenv(var, SECRET)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this shell's: never the cluster's
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     kw = _init_calls(monkeypatch, "ray://head.example:10001")
     assert kw["address"] == "ray://head.example:10001"
     ev = kw["runtime_env"]["env_vars"]
+    assert "HF_HUB_OFFLINE" not in ev and "HF_DATASETS_OFFLINE" not in ev
     assert ev["HF_TOKEN"] == SECRET and ev["AWS_ACCESS_KEY_ID"] == SECRET
     assert ev["MLFLOW_TRACKING_PASSWORD"] == SECRET
     out = capsys.readouterr()
