@@ -146,15 +146,19 @@ def json_safe(obj: Any) -> Any:
 
 def build_task_manager(tasks: list[str], include_path: str | None):
     """A TaskManager that sees the local tasks; the built-in registry is indexed only when
-    a requested task is not local (indexing thousands of YAMLs costs seconds)."""
+    a requested task is not local (indexing thousands of YAMLs costs seconds). Lethe's task
+    overrides (configs/eval/lm_eval_tasks: registry tasks whose datasets need a loading
+    script, read from a script-free copy) come before `include_path`, which can replace
+    them, and after the registry, which they replace (evaluation/task_data.py)."""
     from lm_eval.tasks import TaskManager
+
+    from orchestrator.evaluation.task_data import include_paths
 
     if include_path:
         local = TaskManager(include_path=include_path, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
-        return TaskManager(include_path=include_path)
-    return TaskManager()
+    return TaskManager(include_path=include_paths(tasks, include_path))
 
 
 def load_hf_lm(model_dir: str, cfg: EvaluateConfig, device: str, revision: str | None = None):

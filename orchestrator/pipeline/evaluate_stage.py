@@ -124,10 +124,16 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
     else:
         tasks_key = synthetic.key if synthetic is not None else include
     revisions = revisions or {}
+    # Lethe's own task overrides (configs/eval/lm_eval_tasks) by content, for the configs
+    # that run an overridden task only (the other keys are unchanged).
+    from orchestrator.evaluation.task_data import overrides_fingerprint
+
+    overrides = overrides_fingerprint(cfg.evaluate.tasks)
     # A pinned hub commit is part of what is evaluated (absent for local folders: their
     # keys are unchanged).
     stages = {label: Stage(S.stages_root(cfg), "eval", {
         "model": path, "evaluate": ev, "tasks": tasks_key,
+        **({"task_overrides": overrides} if overrides else {}),
         **({"revision": revisions[label]} if label in revisions else {})})
         for label, path in wanted.items()}
     # open(): each model's eval stage is locked for this run, so a second run on the same
