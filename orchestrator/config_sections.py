@@ -59,6 +59,12 @@ class DataConfig(Strict):
     the default branch. Resolved to its commit on first use and recorded in the run
     directory (stage "dataset"), so later runs load that commit even after the branch moves.
     Not for local files or folders, which are keyed by their content."""
+    data_files: str | None = Field(default=None, min_length=1, max_length=1000)
+    """One data file (or glob) inside the hub dataset's repository to read, instead of the
+    dataset's own layout, e.g. `tulu_50k_sample.json` (the paper's released sample in
+    `Aligh1380/forgetting-llm-dataset`); read at `revision` like the rest, as the split
+    `train` (datasets' rule for data files given alone). Source hf only; None = the dataset
+    as its card or layout defines it."""
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
     """Row layout: chat `messages`, `prompt` / `completion` pairs, or detected per row."""
     chat_template: Literal["paper", "tokenizer"] = "paper"
@@ -90,6 +96,14 @@ class DataConfig(Strict):
         if self.revision is not None and self.source != "hf":
             raise ValueError(f"data.revision={self.revision!r} applies to data.source 'hf' (a "
                              f"hub dataset), not '{self.source}': local data is keyed by content")
+        if self.data_files is not None:
+            if self.source != "hf":
+                raise ValueError(f"data.data_files={self.data_files!r} names a file inside a hub "
+                                 f"dataset (data.source 'hf'); for a local file set data.path "
+                                 "to it")
+            if ".." in self.data_files.split("/") or self.data_files.startswith("/"):
+                raise ValueError(f"data.data_files={self.data_files!r}: a path inside the "
+                                 "dataset's repository (no '..', not absolute)")
         return self
 
 

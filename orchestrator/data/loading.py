@@ -11,7 +11,10 @@ that must not download).
 
 A hub dataset pinned to a commit travels as `hf://datasets/<repo id>@<commit>` (the notation
 of huggingface_hub's file system; `hub_ref`): every reader of that rows path (the tokenizer
-corpus, the tokens stage, the sample stage's selection files) then loads that commit.
+corpus, the tokens stage, the sample stage's selection files) then loads that commit. One
+data file of the repository (`data.data_files`, e.g. the paper's `tulu_50k_sample.json`)
+travels as its path after the revision, `hf://datasets/<repo id>@<commit>/<file>`, and is all
+that is read (a revision holding "/" is written %2F-encoded there, as that notation does).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,19 +135,45 @@ def _iter_parquet(path: Path) -> Iterator[Any]:
         first_row += n
 
 
-def hub_ref(repo_id: str, revision: str | None) -> str:
+def hub_ref(repo_id: str, revision: str | None, data_files: str | None = None) -> str:
     """The rows path of hub dataset `repo_id` at `revision`: `hf://datasets/<id>@<rev>`
-    (`hf://datasets/<id>` for the default branch)."""
-    return f"{HUB_PREFIX}{repo_id}@{revision}" if revision else f"{HUB_PREFIX}{repo_id}"
+    (`hf://datasets/<id>` for the default branch), then `/<file>` when only one data file
+    (or glob) of the repository is read."""
+    ref = HUB_PREFIX + repo_id
+    if revision:
+        ref += "@" + urllib.parse.quote(revision, safe="")
+    if data_files:
+        if "/" not in repo_id:  # "<id>/<file>" would read as an org/name id
+            raise DataError(f"data.data_files={data_files!r} needs a hub id of the form "
+                            f"<org>/<name>, not {repo_id!r}")
+        ref += "/" + data_files.lstrip("/")
+    return ref
+
+
+def _parse_hub_ref(path: str) -> tuple[str, str | None, str | None]:
+    """(repo id, revision, data file) of a `hub_ref`."""
+    body = path[len(HUB_PREFIX):]
+    if "@" in body:
+        repo_id, _, rest = body.partition("@")
+        rev, _, file = rest.partition("/")
+        return repo_id, urllib.parse.unquote(rev) or None, file or None
+    org, _, rest = body.partition("/")
+    name, _, file = rest.partition("/")
+    return (f"{org}/{name}" if name else org), None, file or None
 
 
 def split_hub_ref(path: str, revision: str | None = None) -> tuple[str, str | None]:
     """(dataset name, revision) of a rows path: a `hub_ref` carries its own revision, any
     other name gets `revision` (the config's, None = the default branch)."""
     if path.startswith(HUB_PREFIX):
-        repo_id, _, rev = path[len(HUB_PREFIX):].partition("@")
-        return repo_id, rev or None
+        repo_id, rev, _ = _parse_hub_ref(path)
+        return repo_id, rev
     return path, revision
+
+
+def hub_data_files(path: str) -> str | None:
+    """The one data file (or glob) a `hub_ref` reads; None = the dataset's own layout."""
+    return _parse_hub_ref(path)[2] if path.startswith(HUB_PREFIX) else None
 
 
 def resolve_dataset_revision(repo_id: str, revision: str | None = None, *,
@@ -176,7 +206,8 @@ def resolve_dataset_revision(repo_id: str, revision: str | None = None, *,
     return hub_commit(repo_id, revision, "dataset")
 
 
-def _load_hf(path: str, split: str, revision: str | None = None) -> Any:
+def _load_hf(path: str, split: str, revision: str | None = None,
+             data_files: str | None = None) -> Any:
     import datasets
 
     local = Path(path)
@@ -188,15 +219,21 @@ def _load_hf(path: str, split: str, revision: str | None = None) -> Any:
             ds = ds[split]
         return ds
     name, revision = split_hub_ref(path, revision)
+    data_files = data_files or hub_data_files(path)
     at = f" at revision {revision}" if revision else ""
+    # One data file: datasets' builder for its type reads it, as the split "train"
+    files = {"data_files": data_files} if data_files else {}
+    of = f" file {data_files!r}" if data_files else ""
     try:
-        return datasets.load_dataset(name, split=split, revision=revision)
+        return datasets.load_dataset(name, split=split, revision=revision, **files)
     except Exception as exc:  # datasets raises many types; report them under our name
-        raise DataError(f"could not load dataset {name!r}{at} (split {split!r}): {exc}") from exc
+        raise DataError(f"could not load dataset {name!r}{of}{at} (split {split!r}): "
+                        f"{exc}") from exc
 
 
-def _iter_hf(path: str, split: str, revision: str | None = None) -> Iterator[Any]:
-    ds = _load_hf(path, split, revision)
+def _iter_hf(path: str, split: str, revision: str | None = None,
+             data_files: str | None = None) -> Iterator[Any]:
+    ds = _load_hf(path, split, revision, data_files)
     for batch in ds.iter(batch_size=1024):
         keys = list(batch)
         n = len(batch[keys[0]]) if keys else 0
@@ -244,7 +281,7 @@ def iter_source_rows(cfg: DataConfig, rows_path: str | None = None) -> Iterator[
         if cfg.source == "synthetic":
             raise DataError("data.source='synthetic': pass rows_path (the generated train.jsonl)")
         if cfg.source == "hf" and not Path(str(cfg.path)).is_file():
-            return _iter_hf(str(cfg.path), cfg.split, cfg.revision)
+            return _iter_hf(str(cfg.path), cfg.split, cfg.revision, cfg.data_files)
         return iter_path_rows(str(cfg.path), cfg.split, limit)
 
     if cfg.limit is None:

@@ -66,18 +66,26 @@ def source_rows(cfg: ExperimentConfig, synthetic: StageOut | None) -> tuple[str,
 
             raise DataError(f"data.revision={d.revision!r}, but data.path {path!r} is local: "
                             "local data is keyed by its content; remove data.revision")
+        if d.data_files is not None:
+            from orchestrator.data.errors import DataError
+
+            raise DataError(f"data.data_files={d.data_files!r}, but data.path {path!r} is "
+                            "local: set data.path to the file itself (data.source 'file')")
         ident: dict[str, Any] = path_fingerprint(path)
     else:
         ident = {"dataset": path, "split": d.split}
         if d.source == "hf":  # a hub name: every reader of the rows path loads its commit
-            from orchestrator.data.loading import hub_ref, split_hub_ref
+            from orchestrator.data.loading import hub_data_files, hub_ref, split_hub_ref
 
             name, requested = split_hub_ref(path, d.revision)  # also `hf://datasets/<name>@<rev>`
             revision = dataset_revision(cfg, name, requested) or requested  # a branch: unresolved
+            files = d.data_files or hub_data_files(path)  # one file of the repository
             ident["dataset"] = name
+            if files is not None:
+                ident["data_files"] = files
             if revision is not None:
                 ident["revision"] = revision
-            path = hub_ref(name, revision)
+            path = hub_ref(name, revision, files)
     if not vsize:
         return path, None, ident  # data.limit is sampled while tokenizing (loading.py)
     inputs = {"rows": ident, "split": d.split, "limit": d.limit, "limit_seed": d.limit_seed,
