@@ -146,7 +146,8 @@ def test_claims_and_secrets_referenced_exist():
 
 def test_the_shared_volume_is_made_writable_for_the_ray_user():
     run_dirs = {re.search(r"^run_dir: (\S+)", p.read_text(), re.M).group(1)
-                for p in (ROOT / "configs/paper").glob("*.yaml")}
+                for p in (ROOT / "configs/paper").glob("*.yaml")
+                if not p.name.startswith("smoke")}  # smoke-1gpu: one machine, run_dir runs
     assert run_dirs and run_dirs <= set(SHARED_DIRS), run_dirs
     for name, group, template in pod_templates():
         spec = template["spec"]

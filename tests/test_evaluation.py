@@ -269,8 +269,11 @@ def test_paper_task_set_has_five_benchmarks_with_their_shots():
     assert all(cfg.num_fewshot[t] == 0 for t in ("truthfulqa_mc2", "boolq", "logiqa", "asdiv"))
     assert cfg.limit == 0.99 and cfg.seed == 42
     assert all(cfg.task_limit[t] == 100 for t in TYDIQA)
-    # the five paper configs carry the same evaluation (only resources differ)
+    # the five paper configs carry the same evaluation (only resources differ; the offline
+    # smoke config evaluates the synthetic corpus's tasks)
     for path in sorted((REPO / "configs/paper").glob("*.yaml")):
+        if path.name.startswith("smoke"):
+            continue
         from orchestrator.config import load_config
 
         ev = load_config(path).evaluate
