@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestrator.config_models import DType, Method, Strict
 from orchestrator.names import (
@@ -162,7 +162,18 @@ class ScoringConfig(Strict):
     dtype: DType = "auto"
     """Model dtype; auto = bfloat16 on a GPU that supports it, float32 on CPU."""
     packing: bool = False
-    """Pack rows into one sequence (falls back to padded buckets: no varlen kernel here)."""
+    """Must stay false: packing is not implemented (see the check below)."""
+
+    @field_validator("packing")
+    @classmethod
+    def _packing_not_implemented(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "scoring.packing: true is not implemented. Packing pays only with a varlen "
+                "attention kernel (flash-attn); with sdpa the block-diagonal mask is slower "
+                "than the length-bucketed padded batches Lethe uses (79.4 k vs 128.6 k "
+                "tokens/s on one H100, docs/GPU.md). Remove the key or set it to false.")
+        return value
 
 
 class PartitionConfig(Strict):

@@ -113,3 +113,10 @@ def test_names_are_declared_once():
     assert STAGES == get_args(Until) and JOB_METHODS is METHODS
     assert TrainConfig().methods == list(METHODS)
     assert get_args(LambdaConfig.model_fields["schedule"].annotation) == SCHEDULES
+
+
+def test_scoring_packing_is_refused_with_the_reason():
+    """An option that would do nothing is refused at validation, naming why and the fix."""
+    with pytest.raises(ConfigError, match=r"scoring\.packing.*not implemented.*varlen"):
+        config_from_dict({**MINIMAL, "scoring": {"packing": True}})
+    assert config_from_dict({**MINIMAL, "scoring": {"packing": False}}).scoring.packing is False

@@ -37,6 +37,22 @@ def test_feed_is_read_by_index_and_ends_when_closed():
         feed.put({})
 
 
+def test_a_failure_inside_the_session_keeps_its_error_and_names_the_close_error(caplog):
+    """The body fails and ending the run fails too: the body's error propagates, carrying the
+    run's error as a note, and the log says it (it was dropped)."""
+    session = TrainingSession("t", "/tmp/unused")
+    session._error = OSError("worker 0 died")  # what the run's thread recorded
+
+    with caplog.at_level("WARNING", logger="orchestrator.training.session"):
+        with pytest.raises(ValueError, match="job failed") as info:
+            with session:
+                raise ValueError("job failed")
+    assert "and ending the run: training session t failed: worker 0 died" in info.value.__notes__
+    assert "training session t failed: worker 0 died (while handling ValueError: job failed)" in (
+        caplog.text)
+    session.close()  # the error was reported once, not kept for the next close
+
+
 def test_session_name_is_stable_and_names_the_family():
     assert session_name("tiny-llama", "k1", "k2") == session_name("tiny-llama", "k1", "k2")
     assert session_name("tiny-llama", "k1", "k2") != session_name("tiny-llama", "k1", "k3")

@@ -3,10 +3,10 @@
 Plain torch (no Ray): the Ray Data actor in `stage.py` wraps it, and a GPU box without Ray,
 a profiler or a benchmark can call it directly (`TokenScorer.from_models`).
 
-What makes it fast (see /work/shared/PERFORMANCE.md):
+What makes it fast (figures: docs/GPU.md, "GPU anchors"):
 - Length bucketing: rows are sorted by length and grouped into micro-batches whose padded
   size (rows x longest) stays within `token_budget` (`plan_micro_batches`), so padding
-  waste is ~10 % on 256-row calls instead of the ~50 % of batches of 6 in data order.
+  waste is 4.4 % instead of the 57 % of batches of 6 in data order (docs/GPU.md).
 - Right padding and no attention mask: with causal attention a real token never attends to
   the pads that follow it, so the mask is unnecessary and sdpa keeps its fused causal kernel
   (an explicit padding mask would push it onto a slower masked kernel).
@@ -16,8 +16,9 @@ What makes it fast (see /work/shared/PERFORMANCE.md):
   logits never exist for the whole batch (only chunk_size x V at a time).
 
 Packing (`packing=True`) is not implemented: it pays only with a varlen attention kernel
-(flash-attn), and with sdpa the block-diagonal mask is slower than bucketing (79 k vs 129 k
-tokens/s in PERFORMANCE.md). The scorer logs that and uses padded buckets.
+(flash-attn), and with sdpa the block-diagonal mask is slower than bucketing (79.4 k vs
+128.6 k tokens/s on one H100, docs/GPU.md). The config refuses `scoring.packing: true`; a
+direct caller passing packing=True gets a warning and padded buckets.
 """
 
 from __future__ import annotations

@@ -113,12 +113,28 @@ def read_config_text(cfg: ExperimentConfig, root: Path) -> str:
 # ----------------------------------------------------------------------------- MLflow store
 
 
-def _download_json(client: Any, run_id: str, path: str, tmp: Path) -> dict[str, Any] | None:
+def _download_json(client: Any, run_id: str, path: str,
+                   tmp: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON object artifact at `path`, or (None, why not): absent, the store's error
+    (unreachable, permissions), or not a JSON object. The reason goes into a report note."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        listed = {f.path for f in client.list_artifacts(run_id, str(Path(path).parent))}
+    except (MlflowException, OSError) as exc:
+        return None, f"its artifacts could not be listed ({type(exc).__name__}: {exc})"
+    if path not in listed:
+        return None, f"has no {path}"
     try:
         local = client.download_artifacts(run_id, path, str(tmp))
-        return json.loads(Path(local).read_text())
-    except Exception:  # noqa: BLE001 - absent artifact or unreadable JSON: shown as a note
-        return None
+        value = json.loads(Path(local).read_text())
+    except (MlflowException, OSError) as exc:
+        return None, f"{path} could not be downloaded ({type(exc).__name__}: {exc})"
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"{path} is not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return None, f"{path} holds a JSON {type(value).__name__}, not an object"
+    return value, None
 
 
 def _curves(client: Any, run: Any) -> dict[str, list[tuple[int, float]]]:
@@ -183,13 +199,13 @@ def collect_mlflow(data: ReportData, cfg: ExperimentConfig, tracking_uri: str,
             model = tags.get("model") or tags.get("family") or "?"
             stage = tags.get("lethe.stage")
             if stage == "partition":
-                stats = _download_json(client, run.info.run_id, "partition/partition_stats.json", tmp)
+                stats, why = _download_json(client, run.info.run_id,
+                                            "partition/partition_stats.json", tmp)
                 if stats is None:
-                    data.notes.append(f"{model}: partition run {run.info.run_id} has no "
-                                      "partition/partition_stats.json")
+                    data.notes.append(f"{model}: partition run {run.info.run_id} {why}")
                     continue
                 partitions[model] = PartitionView(model, tags.get("family", "?"), stats)
-                pages[model] = _inspector_pages(client, run.info.run_id, model, tmp)
+                pages[model] = _inspector_pages(client, run.info.run_id, model, tmp, data.notes)
             elif tags.get("method") or stage == "reference":
                 label = "reference" if stage == "reference" else \
                     f"{tags['method']}/s{tags.get('seed', '-')}"
@@ -207,18 +223,28 @@ def collect_mlflow(data: ReportData, cfg: ExperimentConfig, tracking_uri: str,
         data.notes.append(f"pipeline run {parent} has no child runs yet")
 
 
-def _inspector_pages(client: Any, run_id: str, model: str, tmp: Path) -> list[InspectorPage]:
+def _inspector_pages(client: Any, run_id: str, model: str, tmp: Path,
+                     notes: list[str]) -> list[InspectorPage]:
+    """Up to INSPECT_MAX inspector pages of a partition run (none logged: none shown). A
+    page the store cannot give is named in `notes` with the store's error."""
+    from mlflow.exceptions import MlflowException
+
     try:
         files = [f.path for f in client.list_artifacts(run_id, "inspect") if f.path.endswith(".html")]
-    except Exception:  # noqa: BLE001 - no inspector pages logged
+    except (MlflowException, OSError) as exc:
+        notes.append(f"{model}: inspector pages of partition run {run_id} could not be listed "
+                     f"({type(exc).__name__}: {exc})")
         return []
     out = []
     for path in sorted(files)[:INSPECT_MAX]:
         try:
             local = client.download_artifacts(run_id, path, str(tmp))
-        except Exception:  # noqa: BLE001
+            html = Path(local).read_text()
+        except (MlflowException, OSError, UnicodeDecodeError) as exc:
+            notes.append(f"{model}: inspector page {path} of partition run {run_id} not shown "
+                         f"({type(exc).__name__}: {exc})")
             continue
-        out.append(InspectorPage(model, Path(path).stem, Path(local).read_text()))
+        out.append(InspectorPage(model, Path(path).stem, html))
     return out
 
 

@@ -22,6 +22,7 @@ and on GPUs those are the devices scoring needs (one GPU would deadlock).
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from orchestrator.training.feed import POLL_S, JobFeed, feed_jobs
 from orchestrator.training.job import TrainJob, TrainResult
 
 __all__ = ["JobFeed", "TrainingSession", "feed_jobs", "session_name"]
+
+log = logging.getLogger(__name__)
 
 
 class TrainingSession:
@@ -100,14 +103,19 @@ class TrainingSession:
     def __enter__(self) -> TrainingSession:
         return self
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc_type is None:
             self.close()
-        else:  # already failing: end the run, keep the original error
-            try:
-                self.close()
-            except RuntimeError:
-                pass
+            return
+        # Already failing: end the run and keep the original error, but say what ending it
+        # hit too (the run's own failure is often the cause of the original error).
+        try:
+            self.close()
+        except RuntimeError as close_error:
+            log.warning("%s (while handling %s: %s)", close_error,
+                        getattr(exc_type, "__name__", exc_type), exc)
+            if exc is not None and hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(f"and ending the run: {close_error}")
 
     # ---------------------------------------------------------------- internals
 
