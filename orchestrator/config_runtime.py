@@ -116,7 +116,7 @@ class TuneConfig(Strict):
     mode: Literal["min", "max"] = "min"
     """Whether a lower or a higher `metric` is better."""
     search_alg: Literal["random", "optuna"] = "random"
-    """random: Tune's seeded random search; optuna: TPE (needs `pip install optuna`)."""
+    """random: Tune's seeded random search; optuna: TPE (optuna is installed with Lethe)."""
     grace_period: int = Field(default=1, ge=1)
     """ASHA: reports before a trial may be stopped."""
     reduction_factor: float = Field(default=2.0, gt=1.0)

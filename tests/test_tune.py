@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from orchestrator.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +32,7 @@ def test_sweep_proposals_are_seeded_from_the_config_seed():
 
 
 def test_optuna_search_is_seeded_too():
-    pytest.importorskip("optuna")
+    """optuna is a dependency (pyproject): this runs everywhere, never skips."""
     from orchestrator.tune.sweep import search_algorithm
 
     cfg = load_config(REPO / "configs" / "tune-demo.yaml", ["tune.search_alg=optuna", "seed=7"])
