@@ -147,11 +147,14 @@ def test_block_plan_drops_invalid_parts_and_stale_temps(tmp_path):
 
 # ----------------------------------------------------------------------------- locks
 
+# The worker computes the stage and holds its lock until the file `release` appears in the
+# stage root (the test creates it when it has seen what it waits for): no fixed sleep whose
+# length a loaded machine could outlast.
 _WORKER = """
 import sys, time, json
 from pathlib import Path
 from orchestrator.cache import Stage
-root, hold = Path(sys.argv[1]), float(sys.argv[2])
+root = Path(sys.argv[1])
 st = Stage(root, "score", {"k": 1})
 if st.open():
     print("cached", flush=True)
@@ -159,16 +162,34 @@ else:
     with open(root / "computed.log", "a") as fh:
         fh.write("computed\\n")
     print("computing", flush=True)
-    time.sleep(hold)
+    while not (root / "release").exists():
+        time.sleep(0.02)
     (st.dir / "out.txt").write_text("result")
     st.mark_done({"by": "worker"})
     print("done", flush=True)
 """
 
 
-def _spawn(root: Path, hold: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _WORKER, str(root), str(hold)],
+def _spawn(root: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(root)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen) -> None:
+    """Until `path` exists (the worker got that far) or the worker ended without it."""
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+
+
+def _read_until(proc: subprocess.Popen, text: str) -> str:
+    """The process's output up to and including the first line holding `text`."""
+    seen = ""
+    while text not in seen:
+        line = proc.stdout.readline()
+        assert line, f"ended before printing {text!r}: {seen}"
+        seen += line
+    return seen
 
 
 def _stop(proc: subprocess.Popen) -> str:
@@ -182,12 +203,12 @@ def _stop(proc: subprocess.Popen) -> str:
 
 
 def test_two_processes_on_one_stage_compute_it_once(tmp_path):
-    first = _spawn(tmp_path, 2.0)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "computed.log").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    second = _spawn(tmp_path, 0.0)
-    out1, out2 = _stop(first), _stop(second)
+    first = _spawn(tmp_path)
+    _wait_for_file(tmp_path / "computed.log", first)  # the first holds the lock now
+    second = _spawn(tmp_path)
+    waited = _read_until(second, "waiting")  # the second is blocked on the first's lock
+    (tmp_path / "release").touch()
+    out1, out2 = _stop(first), waited + _stop(second)
     assert first.returncode == 0 and second.returncode == 0, (out1, out2)
     assert (tmp_path / "computed.log").read_text() == "computed\n"
     assert "done" in out1 and "cached" in out2
@@ -196,11 +217,9 @@ def test_two_processes_on_one_stage_compute_it_once(tmp_path):
 
 
 def test_lock_wait_times_out_clearly_and_a_killed_holder_frees_it(tmp_path):
-    holder = _spawn(tmp_path, 60.0)
+    holder = _spawn(tmp_path)  # never released: killed below
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "computed.log").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for_file(tmp_path / "computed.log", holder)
         st = Stage(tmp_path, "score", {"k": 1})
         with pytest.raises(StageLockTimeout, match=rf"another run \(pid {holder.pid} .*more than 0 s"):
             st.open(timeout=0.3)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,15 +35,13 @@ def load(path: Path) -> list[dict]:
 def corpus(tmp_path_factory):
     cfg = SyntheticConfig(num_train=2000, num_eval=200, noise_fraction=0.3, seed=7)
     out = tmp_path_factory.mktemp("synth")
-    t0 = time.perf_counter()
     paths = generate_synthetic(cfg, out)
-    elapsed = time.perf_counter() - t0
-    return cfg, paths, elapsed, {name: load(getattr(paths, name)) for name in FILES}
+    return cfg, paths, {name: load(getattr(paths, name)) for name in FILES}
 
 
-def test_sizes_speed_and_determinism(corpus, tmp_path):
-    cfg, paths, elapsed, data = corpus
-    assert elapsed < 1.5, f"generation took {elapsed:.2f}s"
+def test_sizes_and_determinism(corpus, tmp_path):
+    """(Its speed is benchmarks/synthetic_bench.py's claim: no wall-clock limit in a test.)"""
+    cfg, paths, data = corpus
     assert [len(data[n]) for n in FILES] == [2000, 200, 200, 200]
     again = generate_synthetic(cfg, tmp_path / "again")
     other = generate_synthetic(cfg.model_copy(update={"seed": 8}), tmp_path / "other")
@@ -54,7 +51,7 @@ def test_sizes_speed_and_determinism(corpus, tmp_path):
 
 
 def test_noise_fraction_kinds_and_spans(corpus):
-    cfg, paths, _, data = corpus
+    cfg, paths, data = corpus
     train = data["train"]
     noisy = [r for r in train if r["noisy"]]
     assert len(noisy) == paths.num_noisy == round(0.3 * 2000)
@@ -78,7 +75,7 @@ def test_noise_fraction_kinds_and_spans(corpus):
 
 
 def test_multi_turn_and_system_rows_exist(corpus):
-    train = corpus[3]["train"]
+    train = corpus[2]["train"]
     n_multi = sum(r["task"] == "multi_turn" for r in train)
     n_system = sum(r["messages"][0]["role"] == "system" for r in train)
     assert 250 < n_multi < 550 and 250 < n_system < 550
@@ -110,7 +107,7 @@ def _check_answer(question: str, answer: str) -> bool | None:
 
 
 def test_answers_are_checkable_and_facts_consistent(corpus):
-    data = corpus[3]
+    data = corpus[2]
     facts: dict[str, str] = {}
     checked = 0
     for r in data["train"] + data["clean_valid"]:
@@ -133,7 +130,7 @@ def test_answers_are_checkable_and_facts_consistent(corpus):
 
 
 def test_eval_splits_disjoint_and_mc_well_formed(corpus):
-    data = corpus[3]
+    data = corpus[2]
     train_q = {m["content"] for r in data["train"] for m in r["messages"] if m["role"] == "user"}
     valid_q = {m["content"] for r in data["clean_valid"] for m in r["messages"] if m["role"] == "user"}
     mc_q = {r["question"] for r in data["eval_mc"]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -19,16 +20,18 @@ from orchestrator.config import config_from_dict
 
 
 class FlakyClient:
-    """An MlflowClient stand-in that is 'down' for the first `fail` calls."""
+    """An MlflowClient stand-in that is 'down' for the first `fail` calls; `threads` lists the
+    thread each call came from."""
 
     def __init__(self, real, fail: int) -> None:
-        self.real, self.fail, self.calls = real, fail, 0
+        self.real, self.fail, self.calls, self.threads = real, fail, 0, []
 
     def __getattr__(self, name):
         target = getattr(self.real, name)
 
         def call(*args, **kwargs):
             self.calls += 1
+            self.threads.append(threading.get_ident())
             if self.calls <= self.fail:
                 raise ConnectionError("connection refused (simulated outage)")
             return target(*args, **kwargs)
@@ -69,10 +72,13 @@ def test_logging_outage_buffers_retries_and_flushes(tmp_path, capsys, blank_db):
     run = ResilientRun(uri, create={"experiment": "e", "run_name": "r", "tags": {}},
                        spool_dir=tmp_path / "spool", label="drill", client=client,
                        first_backoff=0.1)
-    t0 = time.monotonic()
+    before = len(client.threads)
     for step in range(1, 21):
         run.log_metrics({"loss": 1.0 / step}, step)
-    assert time.monotonic() - t0 < 0.5  # the caller never waits for MLflow
+    # The caller never waits for MLflow: no client call (and so none of the outage's failing
+    # calls and back-offs) ran on the caller's thread while it logged.
+    during = client.threads[before:]
+    assert threading.get_ident() not in during, f"{during.count(threading.get_ident())} calls"
     assert run.close("FINISHED", timeout=30) is True
     assert _history(uri, run.run_id, "loss") == [(s, 1.0 / s) for s in range(1, 21)]
     assert MlflowClient(uri).get_run(run.run_id).info.status == "FINISHED"
