@@ -126,7 +126,9 @@ def test_every_path_the_cluster_files_run_is_in_the_image(name):
 
 
 def test_every_paper_config_and_what_it_reads_is_in_the_image():
-    for cfg in sorted((ROOT / "configs/paper").glob("*.yaml")):
+    configs = sorted((ROOT / "configs/paper").glob("*.yaml"))
+    assert len(configs) >= 5, configs  # the paper's five models, at least
+    for cfg in configs:
         rel = str(cfg.relative_to(ROOT))
         for path in [rel, *_config_files(rel)]:
             assert (ROOT / path).exists(), f"{rel} names missing file {path}"
@@ -256,7 +258,9 @@ def test_launcher_starts_ray_with_token_auth_and_a_local_dashboard():
 
 
 def test_runtime_envs_hold_no_credentials():
-    for path in CLUSTER.glob("runtime_env*.yaml"):
+    paths = sorted(CLUSTER.glob("runtime_env*.yaml"))
+    assert {"runtime_env.yaml", "runtime_env.local.yaml"} <= {p.name for p in paths}, paths
+    for path in paths:
         env = yaml.safe_load(path.read_text()).get("env_vars", {})
         assert not credential_env(env), path.name
 

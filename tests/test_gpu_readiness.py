@@ -452,7 +452,9 @@ def test_paper_lora_configs_keep_the_base_whole_on_each_gpu():
     (8B at most): ZeRO-2, since ZeRO-3 would all-gather the frozen base every micro-batch."""
     import yaml
 
-    for path in sorted((REPO / "configs" / "paper").glob("*.yaml")):
+    paths = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+    assert len(paths) >= 5, paths  # the paper's five models, at least
+    for path in paths:
         train = yaml.safe_load(path.read_text())["train"]
         assert train.get("lora"), path.name
         assert train["deepspeed"] == "configs/deepspeed/zero2.json", (path.name, train["deepspeed"])
