@@ -61,7 +61,7 @@ def _trial(params: dict[str, Any], cfg_dict: dict[str, Any], shared: dict[str, A
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.pipeline.evaluate_stage import evaluate_labelled
+    from orchestrator.tune.resources import evaluate_in_trial
 
     cfg = trial_config(ExperimentConfig.model_validate(cfg_dict), params)
     spec = cfg.models[0]
@@ -83,8 +83,8 @@ def _trial(params: dict[str, Any], cfg_dict: dict[str, Any], shared: dict[str, A
                   "lambda_max": float(params["lambda_max"]), "rho": float(params["rho"])})
     if cfg.evaluate.enabled:
         label = str(RunLabel(spec.name, "forget", cfg.train.seed))
-        results, dirs = evaluate_labelled(cfg, {label: S.model_path(done)},
-                                          _stage(shared["synthetic"]), in_process=True)
+        # on the GPU the trial reserved for it (tune/resources.py), or here on CPU
+        results, dirs = evaluate_in_trial(cfg, {label: S.model_path(done)}, shared["synthetic"])
         track.log_eval(results, dirs, extra_tags=tags)
         final.update({f"eval/{task}/{m}": float(v) for task, ms in results[label].items()
                       for m, v in ms.items() if isinstance(v, (int, float))})
@@ -152,7 +152,9 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; writes the best config as YAML and returns the table."""
     from functools import partial
 
+    from orchestrator.tune.resources import require_validation, trial_resources
     from ray import tune
+    require_validation(cfg)  # before any stage: a sweep whose metric never comes is refused
     from ray.tune.schedulers import ASHAScheduler
 
     from orchestrator.logs import configure_console, interactive
@@ -168,7 +170,7 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     trainable = tune.with_resources(
         partial(_trial, cfg_dict=cfg.to_dict(), shared=shared,
                 parent_run_id=track.parent.run_id if track.enabled else None),
-        {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
+        trial_resources(cfg),  # the driver's bundle (+ the evaluation's GPU bundle)
     )
     t = cfg.tune
     scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=t.grace_period,
