@@ -5,7 +5,7 @@
     lethe tune CONFIG [overrides]                           a Ray Tune sweep over lambda / rho
     lethe compare CONFIG                                    methods table, paired effects, noise detection
     lethe report CONFIG [--out PATH]                        the run as one self-contained HTML page
-    lethe ui CONFIG [--port 5000]                           MLflow UI on 127.0.0.1
+    lethe ui CONFIG [--port 5000]                           MLflow UI on 127.0.0.1 (a server's: URL + tunnel)
     lethe inspect CONFIG --model NAME --sample ID           a sample's tokens by score / class
     lethe validate CONFIG [overrides]                       print the resolved config
     lethe sync CONFIG                                       send metrics spooled in an MLflow outage
@@ -55,7 +55,8 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
 def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.pipeline.run import run_pipeline
 
-    run_pipeline(_load(args), until=args.until, preflight=args.preflight)
+    run_pipeline(_load(args), until=args.until, preflight=args.preflight,
+                 config_args=[args.config, *args.overrides])
     return 0
 
 
@@ -125,15 +126,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    if args.check:  # the access checks only (pipeline/access.py): no Ray, no plan
+        from orchestrator.pipeline.access import run_check_command
+
+        return run_check_command(_load(args))
     from orchestrator.pipeline.plan import run_plan
 
     return run_plan(_load(args), address=args.address)
 
 
-    if args.check:  # the access checks only (pipeline/access.py): no Ray, no plan
-        from orchestrator.pipeline.access import run_check_command
-
-        return run_check_command(_load(args))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lethe", description="Token-level forgetting fine-tuning on Ray")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -149,17 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config("run", "run the pipeline")
     run.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    run.add_argument("--preflight", action="store_true", help="first run the checks of "
+                     "`lethe plan --check`; stop before any stage when one fails")
     run.set_defaults(fn=_cmd_run)
     with_config("tune", "Ray Tune sweep over lambda and rho").set_defaults(fn=_cmd_tune)
     with_config("compare", "family x method x task table, paired effects over seeds "
                 "(Student-t CI), noise detection per kind").set_defaults(fn=_cmd_compare)
     rep = with_config("report", "write the latest run's self-contained HTML report")
-    run.add_argument("--preflight", action="store_true", help="first run the checks of "
-                     "`lethe plan --check`; stop before any stage when one fails")
     rep.add_argument("--out", default=None, help="where to write it (default runs/<name>/report.html)")
     rep.set_defaults(fn=_cmd_report)
-    ui = with_config("ui", "start the MLflow UI on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui = with_config("ui", "start the MLflow UI on 127.0.0.1; for a tracking server, print its "
+                     "URL and the port-forward / SSH tunnel that reaches it from here")
+    ui.add_argument("--port", type=int, default=5000,
+                    help="local port: of the UI started here, or of the tunnel to a server")
     ui.set_defaults(fn=_cmd_ui)
     ins = with_config("inspect", "show a sample's tokens coloured by score and class")
     ins.add_argument("--model", required=True, help="model name from the config")
@@ -172,15 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan = with_config("plan", "dry run: stages, hashes, cache, samples, steps, resources")
     plan.add_argument("--address", default=None, help="Ray cluster to check against "
                       "(default: ray.address, else a local instance)")
+    plan.add_argument("--check", action="store_true", help="instead of the plan: open the "
+                      "training data, every evaluation task's dataset, each model's config "
+                      "and tokenizer and the MLflow server, one line each; exit 1 on a failure")
     plan.set_defaults(fn=_cmd_plan)
     return p
 
 
 def _known_error(exc: BaseException) -> BaseException | None:
     """The Lethe error (or OS error) behind `exc`, or None for anything else (a bug keeps
-    plan.add_argument("--check", action="store_true", help="instead of the plan: open the "
-                      "training data, every evaluation task's dataset, each model's config "
-                      "and tokenizer and the MLflow server, one line each; exit 1 on a failure")
     its traceback). Ray re-raises a task's error as a subclass that also carries `cause`."""
     from orchestrator.data.errors import DataError
     from orchestrator.errors import LetheError

@@ -239,22 +239,24 @@ def _run_stages(cfg: ExperimentConfig, until: Until | None, track: PipelineTrack
 
 
 def run_pipeline(cfg: ExperimentConfig, until: Until | None = None,
-                 preflight: bool = False) -> dict[str, Any]:
+                 preflight: bool = False, config_args: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the comparison rows. `preflight`: first
     open everything the run reads (pipeline/access.py, as `lethe plan --check`) and stop
-    before Ray starts when a check fails (jobs.pipeline always does)."""
+    before Ray starts when a check fails (jobs.pipeline always does). `config_args`: the
+    config path and overrides as given (`lethe run` passes them), for the last line's
+    `lethe ui` command."""
     from orchestrator.logs import configure_console
 
     t0 = time.time()
     configure_console()  # progress bars only on a terminal; one line per stage event otherwise
-    tl = timeline.begin(t0)
-    root = run_dir(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    # Tracking before any stage: an unreachable MLflow server fails here, not after hours of
     if preflight:
         from orchestrator.pipeline.access import preflight_or_raise
 
         preflight_or_raise(cfg)
+    tl = timeline.begin(t0)
+    root = run_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    # Tracking before any stage: an unreachable MLflow server fails here, not after hours of
     # training. Opened beside Ray's start-up (a new sqlite store runs its schema migrations,
     # about 5 s, while Ray's processes start; each alone leaves a core idle).
     with tl.span("ray-init", "-", "startup"), ThreadPoolExecutor(1) as pool:
@@ -282,8 +284,7 @@ def run_pipeline(cfg: ExperimentConfig, until: Until | None = None,
     if until in (None, "evaluate"):  # without evaluation: partition, curves, timeline, config
         _write_report(cfg, track)
     print(f"[lethe] pipeline finished in {wall:.1f} s; run directory: {root}")
-    print(f"[lethe] open the MLflow UI: .venv/bin/lethe ui {_config_hint(cfg)}  "
-          f"(tracking store: {mask_secrets(track.uri)})")
+    print("\n".join(ui_hint(cfg, track.uri, config_args)), flush=True)
     return results
 
 
@@ -304,6 +305,24 @@ def _config_hint(cfg: ExperimentConfig) -> str:
     return str(run_dir(cfg) / "resolved_config.yaml")
 
 
+def on_cluster(cfg: ExperimentConfig) -> bool:
+    """Whether this run's Ray is a cluster (ray.address names one, or RAY_ADDRESS is set:
+    the driver of a `ray job submit` job), so the user reads its output elsewhere."""
+    address = (cfg.ray.address or "").strip()
+    return (bool(address) and address != "local") or bool(os.environ.get("RAY_ADDRESS", "").strip())
+
+
+def ui_hint(cfg: ExperimentConfig, uri: str, config_args: list[str] | None) -> list[str]:
+    """The end-of-run lines saying how to open the MLflow UI, as a command for the user's
+    own machine (tracking/remote_ui.py): `lethe ui` on the config path and overrides the run
+    was started with, not the run directory's copy, which exists only where the run ran."""
+    from orchestrator.tracking.remote_ui import end_of_run_hint
+
+    lines = end_of_run_hint(uri, config_args, _config_hint(cfg), cfg.tracking.tracking_uri,
+                            on_cluster(cfg))
+    return [mask_secrets(line) for line in lines]
+
+
 # ------------------------------------------------------------------ helpers for the CLI
 
 
@@ -315,8 +334,15 @@ def print_comparison(cfg: ExperimentConfig) -> None:
 def serve_ui(cfg: ExperimentConfig, port: int = 5000) -> None:
     import signal
 
+    from orchestrator.tracking.remote_ui import remote_ui_lines
     from orchestrator.tracking.ui import start_ui, stop_ui
+    from orchestrator.tracking.uri import is_remote, resolve_tracking_uri
 
+    uri = resolve_tracking_uri(cfg.tracking, run_dir(cfg))
+    if cfg.tracking.enabled and is_remote(uri):
+        # A server serves its own UI: say where, and how to reach it from here.
+        print("\n".join(mask_secrets(line) for line in remote_ui_lines(uri, port)), flush=True)
+        return
     track = PipelineTracking.open(cfg, run_dir(cfg))
 
     # The server runs in its own process group; a SIGTERM to this command (a job manager,

@@ -152,13 +152,13 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; writes the best config as YAML and returns the table."""
     from functools import partial
 
-    from orchestrator.tune.resources import require_validation, trial_resources
     from ray import tune
-    require_validation(cfg)  # before any stage: a sweep whose metric never comes is refused
     from ray.tune.schedulers import ASHAScheduler
 
     from orchestrator.logs import configure_console, interactive
+    from orchestrator.tune.resources import require_validation, trial_resources
 
+    require_validation(cfg)  # before any stage: a sweep whose metric never comes is refused
     configure_console()  # as `lethe run`: bars only on a terminal, quiet Ray workers otherwise
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
