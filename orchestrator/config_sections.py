@@ -15,9 +15,9 @@ from pydantic import Field, field_validator, model_validator
 
 from orchestrator.config_models import DType, Method, Strict
 from orchestrator.names import (
+    DEFAULT_SYNTHETIC_TASKS,
     METHODS,
     NOISE_KINDS,
-    SYNTHETIC_TASKS,
     NegativeTerm,
     NoiseKind,
     Normalization,
@@ -34,12 +34,18 @@ class SyntheticConfig(Strict):
     """Training conversations generated."""
     num_eval: int = Field(default=200, ge=1)
     """Held-out questions per evaluation task (multiple choice and generation)."""
+    num_valid: int = Field(default=0, ge=0)
+    """Validation questions per task (valid_mc / valid_gen files, lm-eval tasks
+    lethe_synth_mc_valid / lethe_synth_gen_valid), disjoint from the test questions and from
+    training: what a sweep selects on, so the test set stays untouched. 0 = none."""
     noise_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
     """Share of training responses corrupted (their noisy tokens are recorded)."""
     noise_kinds: list[NoiseKind] = list(NOISE_KINDS)
     """Kinds of corruption drawn from: wrong values, filler words, typos."""
-    tasks: list[SyntheticTask] = list(SYNTHETIC_TASKS)
-    """Checkable task families the conversations are drawn from."""
+    tasks: list[SyntheticTask] = list(DEFAULT_SYNTHETIC_TASKS)
+    """Checkable task families the conversations are drawn from. capitals, unit_conversions
+    and known_arithmetic ask facts the base model already knows (its greedy answers,
+    orchestrator/data/known_facts.json): their wrong values are knowledge-conflict noise."""
     seed: int = 0
     """Seed of the generator: the same seed gives the same corpus."""
 

@@ -24,7 +24,11 @@ NegativeTerm = Literal["ascent", "unlikelihood"]
 # over the whole optimizer step on every rank (method/objective.py).
 Normalization = Literal["global", "micro_batch"]
 NoiseKind = Literal["wrong_value", "filler", "typo"]
-SyntheticTask = Literal["arithmetic", "world_facts", "list_ops", "string_ops"]
+SyntheticTask = Literal["arithmetic", "world_facts", "list_ops", "string_ops", "capitals",
+                        "unit_conversions", "known_arithmetic"]
+# The embedded default's tasks (facts learned from the corpus); the other three ask facts a
+# pretrained base already knows (knowledge-conflict noise, data/synthetic_knowledge.py).
+DEFAULT_SYNTHETIC_TASKS: tuple[str, ...] = ("arithmetic", "world_facts", "list_ops", "string_ops")
 # How Ray places a training run's workers (ScalingConfig.placement_strategy).
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 # Where `lethe run --until` may stop, in pipeline order.

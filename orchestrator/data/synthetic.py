@@ -11,10 +11,16 @@
 - eval_mc.jsonl: {"id", "task", "question", "choices": [4 responses], "gold": index}.
 - eval_gen.jsonl: {"id", "task", "question", "answer"}: answer is the final short answer,
   matched exactly against what follows "The answer is " (see `extract_answer`).
+- valid_mc.jsonl / valid_gen.jsonl (only when cfg.num_valid > 0): validation questions in the
+  eval files' formats, drawn like them (held-out phrasings) but disjoint from them: a sweep
+  selects on these and the test set stays unseen. Drawn after every other reserved
+  question, so num_valid = 0 leaves a corpus byte-identical to one made before the option.
 
-Questions of eval_mc, eval_gen and clean_valid never occur as a user turn in train. Only
-the JSONL files are written here: the lm-eval task YAMLs (lethe_synth_mc, lethe_synth_gen)
-are written by orchestrator.evaluation from eval_mc.jsonl / eval_gen.jsonl.
+Questions of eval_mc, eval_gen, valid_mc, valid_gen and clean_valid never occur as a user
+turn in train. Only the JSONL files are written here: the lm-eval task YAMLs (lethe_synth_mc,
+lethe_synth_gen and their _valid twins) are written by orchestrator.evaluation from them.
+The tasks capitals, unit_conversions and known_arithmetic (data/synthetic_knowledge.py) ask
+facts the base model already knows: their wrong values are knowledge-conflict noise.
 
 Noise kinds and the exact span each marks:
 - wrong_value: every occurrence of the answer value replaced by a plausible wrong value;
@@ -36,7 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SyntheticConfig
+from orchestrator.data.synthetic_knowledge import KNOWLEDGE_TASKS
 from orchestrator.data.synthetic_tasks import TASKS, Problem, render
+
+ALL_TASKS = {**TASKS, **KNOWLEDGE_TASKS}
 
 FILLER_WORDS = ("um", "uh", "basically", "you know", "like", "well", "I mean", "sort of", "actually")
 SYSTEM_PROMPTS = (
@@ -61,6 +70,8 @@ class SyntheticPaths:
     eval_gen: Path
     num_train: int
     num_noisy: int
+    valid_mc: Path | None = None
+    valid_gen: Path | None = None
 
 
 def extract_answer(response: str) -> str | None:
@@ -72,7 +83,7 @@ def extract_answer(response: str) -> str | None:
 def _draw(rng: random.Random, tasks: list[str], avoid: set[str], held_out: bool) -> Problem:
     """A problem whose question is not in `avoid` (eval/validation questions stay unseen)."""
     for _ in range(_MAX_DRAWS):
-        problem = TASKS[rng.choice(tasks)](rng, held_out)
+        problem = ALL_TASKS[rng.choice(tasks)](rng, held_out)
         if problem.question not in avoid:
             return problem
     raise ValueError(
@@ -187,7 +198,7 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: Path) -> SyntheticPaths:
     if cfg.noise_fraction > 0 and not cfg.noise_kinds:
         raise ValueError("data.synthetic.noise_kinds is empty but noise_fraction > 0")
     if not cfg.tasks:
-        raise ValueError("data.synthetic.tasks is empty; choose from " + ", ".join(TASKS))
+        raise ValueError("data.synthetic.tasks is empty; choose from " + ", ".join(ALL_TASKS))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
@@ -211,6 +222,17 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: Path) -> SyntheticPaths:
         reserved.update(m["content"] for m in row["messages"] if m["role"] == "user")
         valid_rows.append(row)
 
+    valid_mc, valid_gen = [], []
+    for i in range(cfg.num_valid):
+        p = _draw(rng, tasks, reserved, held_out=True)
+        reserved.add(p.question)
+        valid_mc.append({**_mc_row(i, p, rng), "id": f"vmc-{i:05d}"})
+    for i in range(cfg.num_valid):
+        p = _draw(rng, tasks, reserved, held_out=True)
+        reserved.add(p.question)
+        valid_gen.append({"id": f"vgen-{i:05d}", "task": p.task, "question": p.question,
+                          "answer": p.answer})
+
     noisy_rows = set(rng.sample(range(cfg.num_train), round(cfg.noise_fraction * cfg.num_train)))
     train_rows = [_train_row(i, rng, cfg, reserved, i in noisy_rows) for i in range(cfg.num_train)]
 
@@ -222,9 +244,14 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: Path) -> SyntheticPaths:
         eval_gen=out_dir / "eval_gen.jsonl",
         num_train=cfg.num_train,
         num_noisy=len(noisy_rows),
+        valid_mc=out_dir / "valid_mc.jsonl" if cfg.num_valid else None,
+        valid_gen=out_dir / "valid_gen.jsonl" if cfg.num_valid else None,
     )
     _write_jsonl(paths.train, train_rows)
     _write_jsonl(paths.clean_valid, valid_rows)
     _write_jsonl(paths.eval_mc, mc_rows)
     _write_jsonl(paths.eval_gen, gen_rows)
+    if paths.valid_mc is not None and paths.valid_gen is not None:
+        _write_jsonl(paths.valid_mc, valid_mc)
+        _write_jsonl(paths.valid_gen, valid_gen)
     return paths

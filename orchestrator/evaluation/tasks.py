@@ -23,6 +23,9 @@ import yaml
 
 MC_TASK = "lethe_synth_mc"
 GEN_TASK = "lethe_synth_gen"
+# The validation questions (data.synthetic.num_valid > 0): the same tasks on valid_mc.jsonl /
+# valid_gen.jsonl, for a sweep to select on without touching the test questions.
+VALID_SUFFIX = "_valid"
 EOS_TEXT = "<|endoftext|>"
 USER_TAG = "<|user|>"
 ASSISTANT_TAG = "<|assistant|>"
@@ -63,10 +66,10 @@ def _data_block(jsonl_path: str | Path) -> dict[str, Any]:
     }
 
 
-def mc_task_config(eval_mc_path: str | Path) -> dict[str, Any]:
+def mc_task_config(eval_mc_path: str | Path, task: str = MC_TASK) -> dict[str, Any]:
     """The lm-eval config dict for the multiple-choice task."""
     return {
-        "task": MC_TASK,
+        "task": task,
         **_data_block(eval_mc_path),
         "output_type": "multiple_choice",
         "doc_to_text": CHAT_PROMPT,
@@ -82,10 +85,10 @@ def mc_task_config(eval_mc_path: str | Path) -> dict[str, Any]:
     }
 
 
-def gen_task_config(eval_gen_path: str | Path) -> dict[str, Any]:
+def gen_task_config(eval_gen_path: str | Path, task: str = GEN_TASK) -> dict[str, Any]:
     """The lm-eval config dict for the generate-until task."""
     return {
-        "task": GEN_TASK,
+        "task": task,
         **_data_block(eval_gen_path),
         "output_type": "generate_until",
         "doc_to_text": CHAT_PROMPT,
@@ -130,17 +133,25 @@ def gold_answer(answer: str) -> str:
 
 def write_local_tasks(eval_mc_path: str | Path, eval_gen_path: str | Path,
                       out_dir: str | Path) -> str:
-    """Write the two task YAMLs into `out_dir` and return it (lm-eval's include_path)."""
+    """Write the two task YAMLs into `out_dir` and return it (lm-eval's include_path).
+
+    When valid_mc.jsonl / valid_gen.jsonl lie beside `eval_mc_path`, the two validation
+    tasks (`lethe_synth_mc_valid`, `lethe_synth_gen_valid`) are written too."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    gen_rows = out / f"{GEN_TASK}.jsonl"
-    with Path(eval_gen_path).open() as src, gen_rows.open("w") as dst:
-        for line in src:
-            if line.strip():
-                row = json.loads(line)
-                dst.write(json.dumps({**row, GOLD_FIELD: gold_answer(str(row["answer"]))}) + "\n")
-    for name, cfg in ((MC_TASK, mc_task_config(eval_mc_path)),
-                      (GEN_TASK, gen_task_config(gen_rows))):
-        with (out / f"{name}.yaml").open("w") as fh:
-            yaml.safe_dump(cfg, fh, sort_keys=False, allow_unicode=True, width=1000)
+    sets = [(MC_TASK, GEN_TASK, Path(eval_mc_path), Path(eval_gen_path))]
+    valid_mc, valid_gen = (Path(eval_mc_path).parent / f"valid_{k}.jsonl" for k in ("mc", "gen"))
+    if valid_mc.is_file() and valid_gen.is_file():
+        sets.append((MC_TASK + VALID_SUFFIX, GEN_TASK + VALID_SUFFIX, valid_mc, valid_gen))
+    for mc_name, gen_name, mc_path, gen_path in sets:
+        gen_rows = out / f"{gen_name}.jsonl"
+        with gen_path.open() as src, gen_rows.open("w") as dst:
+            for line in src:
+                if line.strip():
+                    row = json.loads(line)
+                    dst.write(json.dumps({**row, GOLD_FIELD: gold_answer(str(row["answer"]))}) + "\n")
+        for name, cfg in ((mc_name, mc_task_config(mc_path, mc_name)),
+                          (gen_name, gen_task_config(gen_rows, gen_name))):
+            with (out / f"{name}.yaml").open("w") as fh:
+                yaml.safe_dump(cfg, fh, sort_keys=False, allow_unicode=True, width=1000)
     return str(out)

@@ -39,11 +39,12 @@ _MAX_DRAWS = 100
 
 
 def reserved_questions(synthetic_dir: str | Path) -> set[str]:
-    """Every question the corpus holds out: eval_mc / eval_gen questions and the user
-    turns of clean_valid. A missing file is an error (the warm-up must not guess)."""
+    """Every question the corpus holds out: eval_mc / eval_gen (and valid_mc / valid_gen,
+    when written) questions and the user turns of clean_valid. A missing file is an error (the warm-up must not guess)."""
     root = Path(synthetic_dir)
     out: set[str] = set()
-    for name in ("eval_mc.jsonl", "eval_gen.jsonl", "clean_valid.jsonl"):
+    optional = [n for n in ("valid_mc.jsonl", "valid_gen.jsonl") if (root / n).is_file()]
+    for name in ("eval_mc.jsonl", "eval_gen.jsonl", "clean_valid.jsonl", *optional):
         path = root / name
         if not path.is_file():
             raise FileNotFoundError(f"warm-up needs the corpus's held-out rows: {path} is missing")

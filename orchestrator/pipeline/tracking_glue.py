@@ -253,7 +253,18 @@ class PipelineTracking:
             axes[1].scatter(rho, val)
             axes[1].set_xlabel("rho")
             axes[1].set_ylabel(metric)
-            sc = axes[2].scatter(lam, rho, c=val, cmap="viridis")
+            # the (lambda, rho) heat map: colour = the metric, marker = the negative term
+            norm = plt.Normalize(min(val), max(val))
+            for term, marker in zip(sorted({str(r.get("negative_term")) for r in ok}), "osD^v",
+                                    strict=False):
+                sel = [i for i, r in enumerate(ok) if str(r.get("negative_term")) == term]
+                sc = axes[2].scatter([lam[i] for i in sel], [rho[i] for i in sel],
+                                     c=[val[i] for i in sel], cmap="viridis", norm=norm,
+                                     marker=marker, s=60, edgecolors="k", label=term)
+                for i in sel:
+                    axes[2].annotate(f"{val[i]:.3g}", (lam[i], rho[i]), fontsize=7,
+                                     xytext=(4, 4), textcoords="offset points")
+            axes[2].legend(fontsize=7, title="negative term", title_fontsize=7)
             axes[2].set_xscale("log")
             axes[2].set_xlabel("lambda_max")
             axes[2].set_ylabel("rho")

@@ -194,6 +194,17 @@ def _section(anchor: str, title: str, parts: list[str], empty: str, legend: str)
     return head + f'<p class="legend">{legend}</p>' + "".join(parts)
 
 
+def _sweep(data: ReportData) -> str:
+    """A `lethe tune` run: the trial table and the metric over (lambda_max, rho)."""
+    if not data.sweep_table and data.sweep_png_uri is None:
+        return ""
+    parts = [_img(data.sweep_png_uri, "sweep metric over lambda_max and rho"),
+             f'<pre class="config">{_esc(data.sweep_table)}</pre>']
+    return _section("sweep", "Tune sweep", parts, "", "The sweep's metric per trial against "
+                    "λ's ceiling and rho (right: the (λ, rho) map, colour = the metric), then "
+                    "every trial, best first.")
+
+
 def _curves(data: ReportData) -> str:
     parts = [_img(curves_uri(model, [c for c in data.curves if c.model == model]),
                   f"{model} training curves")
@@ -243,6 +254,7 @@ def render(data: ReportData, cfg: ExperimentConfig) -> str:
         body = "".join([
             _header(data, cfg),
             _comparison(data, cfg, Path(tmp)),
+            _sweep(data),
             _partition(data, cfg),
             _curves(data),
             _inspector(data),

@@ -64,6 +64,9 @@ class ReportData:
     timeline: list[dict[str, Any]] | None = None
     config_yaml: str = ""
     notes: list[str] = field(default_factory=list)
+    # A `lethe tune` parent run: its trial table and the (lambda_max, rho) map of the metric
+    sweep_table: str = ""
+    sweep_png_uri: str | None = None
 
 
 def run_root(cfg: ExperimentConfig) -> Path:
@@ -184,6 +187,7 @@ def collect_mlflow(data: ReportData, cfg: ExperimentConfig, tracking_uri: str,
     data.parent = {"run_name": info.info.run_name, "status": info.info.status,
                    "start_time": info.info.start_time, "end_time": info.info.end_time,
                    "tags": dict(info.data.tags), "metrics": dict(info.data.metrics)}
+    _collect_sweep(data, client, parent)
     data.eval_runs = load_eval_runs(tracking_uri, data.experiment, parent)
     data.partition_runs = load_partition_runs(tracking_uri, data.experiment, parent)
     children = client.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}'",
@@ -221,6 +225,22 @@ def collect_mlflow(data: ReportData, cfg: ExperimentConfig, tracking_uri: str,
         data.inspector.extend(pages.get(model, []))
     if not children:
         data.notes.append(f"pipeline run {parent} has no child runs yet")
+
+
+def _collect_sweep(data: ReportData, client: Any, run_id: str) -> None:
+    """The sweep's artifacts on its parent run (tracking_glue.log_sweep), when there are."""
+    from orchestrator.tracking.report_plots import file_uri
+
+    with tempfile.TemporaryDirectory(prefix="lethe-report-") as tmp:
+        try:
+            names = {f.path for f in client.list_artifacts(run_id, "sweep")}
+        except Exception:  # noqa: BLE001 - not a sweep: no sweep folder
+            return
+        for name, apply in (("sweep/trials.txt", lambda p: setattr(data, "sweep_table", Path(p).read_text())),
+                            ("sweep/metric_vs_lambda_rho.png",
+                             lambda p: setattr(data, "sweep_png_uri", file_uri(p)))):
+            if name in names:
+                apply(client.download_artifacts(run_id, name, tmp))
 
 
 def _inspector_pages(client: Any, run_id: str, model: str, tmp: Path,

@@ -173,6 +173,13 @@ def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
         trial_resources(cfg),  # the driver's bundle (+ the evaluation's GPU bundle)
     )
     t = cfg.tune
+    if t.metric.startswith("eval/"):
+        # An evaluation metric (e.g. the validation questions') is in a trial's final report
+        # only; the training's intermediate reports lack it, which Tune's strict check would
+        # call an error. ASHA skips results without its metric.
+        import os
+
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=t.grace_period,
                               reduction_factor=t.reduction_factor, max_t=10_000)
     # The concurrency cap lives in the (seeded) search algorithm: Tune ignores
