@@ -261,3 +261,64 @@ def test_mlflow_server_with_authentication_refuses_wrong_credentials(offline, lo
     assert server.password not in wrong.detail
     assert right.status == OK and "accepts the credentials" in right.detail
     assert server.proc.poll() is not None  # stopped
+
+
+def test_first_row_of_a_json_array_is_read_from_its_head(tmp_path):
+    from orchestrator.pipeline.access import first_json_array_row
+
+    array = tmp_path / "rows.json"
+    array.write_text("\ufeff[\n  " + ",\n  ".join(json.dumps(r) for r in MESSAGES) + "\n]\n")
+    def opener(path):
+        return lambda: path.open("rb")
+
+    assert first_json_array_row(opener(array)) == MESSAGES[0]
+    assert first_json_array_row(opener(array), head_bytes=40) is None  # longer than the head
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in MESSAGES))
+    assert first_json_array_row(opener(lines)) is None  # not an array: the caller streams
+
+
+def test_the_papers_hub_json_file_is_checked_from_its_head(monkeypatch, tmp_path, local_sources):
+    """The paper's data (a hub repository's one JSON file, data.data_files) with the hub
+    reachable: the builder is asked for, the first row comes from the file's first bytes
+    (datasets would parse the whole 50k-row array even when streaming) and is checked
+    against data.format. The hub is replaced by a builder stub and a local copy of the
+    file's head."""
+    import datasets
+
+    from orchestrator.pipeline import access
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setattr(access, "hub_unreachable", lambda: None)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr("orchestrator.data.loading.resolve_dataset_revision",
+                        lambda name, rev, **k: commit)
+    asked = {}
+
+    class Builder:
+        name = "json"
+
+        def as_streaming_dataset(self, split):
+            raise AssertionError("the whole JSON file would be read")
+
+    def builder(name, **kwargs):
+        asked.update(kwargs, name=name)
+        return Builder()
+
+    local = tmp_path / "tulu_50k_sample.json"
+    local.write_text(json.dumps(MESSAGES))
+    opened = []
+    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+    monkeypatch.setattr(access, "_hub_file", lambda name, rev, file: opened.append(
+        (name, rev, file)) or local.open("rb"))
+    cfg = load_config(PAPER, [f"run_dir={tmp_path}"])  # as shipped but the run directory
+    check = access.check_training_data(cfg, None)
+    assert check.status == access.OK, check.detail
+    assert asked == {"name": "Aligh1380/forgetting-llm-dataset", "revision": commit,
+                     "data_files": "tulu_50k_sample.json"}
+    assert opened == [("Aligh1380/forgetting-llm-dataset", commit, "tulu_50k_sample.json")]
+    assert check.detail.startswith(f"Aligh1380/forgetting-llm-dataset@{commit[:12]} (what the "
+                                   "default branch names now; the run pins it) file "
+                                   "tulu_50k_sample.json, builder json, split train")
+    assert "fits data.format=messages" in check.detail

@@ -24,6 +24,7 @@ of local files and folders is checked completely offline.
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.error
 import urllib.request
@@ -126,6 +127,35 @@ def _first_local_row(path: str, cfg: ExperimentConfig) -> Any:
                     f"({seen[0] if seen else 'the source is empty'})")
 
 
+JSON_HEAD_BYTES = 1 << 20
+
+
+def _hub_file(name: str, revision: str | None, file: str) -> Any:
+    """A hub dataset file opened for reading (huggingface_hub's file system: ranged reads)."""
+    from huggingface_hub import HfFileSystem
+
+    at = f"@{revision}" if revision else ""
+    return HfFileSystem().open(f"datasets/{name}{at}/{file}", "rb", block_size=JSON_HEAD_BYTES)
+
+
+def first_json_array_row(open_file: Any, head_bytes: int = JSON_HEAD_BYTES) -> Any:
+    """The first element of a JSON file holding an array of rows, read from its first
+    `head_bytes` (datasets' json builder parses such a file whole, even when streaming: the
+    paper's 50k-row sample would be downloaded in full). None when the file is no array or
+    its first row is longer than that: the caller streams it then."""
+    with open_file() as fh:
+        head = fh.read(head_bytes)
+    text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+    if not text.startswith("["):
+        return None
+    body = text[1:].lstrip()
+    try:
+        row, _ = json.JSONDecoder().raw_decode(body)
+    except json.JSONDecodeError:
+        return None
+    return row
+
+
 def _format_problem(row: Any, cfg: ExperimentConfig) -> str | None:
     """Why the row does not fit data.format, by the formatter's own row validation."""
     from orchestrator.data.chat_format import conversation_from_row
@@ -164,15 +194,30 @@ def check_training_data(cfg: ExperimentConfig, datasets_blocked: str | None) -> 
 
             name, requested = split_hub_ref(path, d.revision)
             if datasets_blocked:
-                return Check("data", NOT_CHECKED, f"hub dataset {name} (split {d.split}): "
+                files = getattr(d, "data_files", None)
+                return Check("data", NOT_CHECKED, f"hub dataset {name}"
+                             + (f" file {files}" if files else "") + f" (split {d.split}): "
                              f"builder and first row not opened: {datasets_blocked}")
             import datasets
 
             commit, source = _pinned_dataset_commit(cfg, name, requested)
-            builder = datasets.load_dataset_builder(name, revision=commit or requested)
-            row = next(iter(builder.as_streaming_dataset(split=d.split)))
+            # data.data_files (where the config has it): one file of the repository
+            files = getattr(d, "data_files", None)
+            if files is None and path.startswith("hf://"):
+                from orchestrator.data.loading import hub_data_files
+
+                files = hub_data_files(path)
+            kwargs = {"data_files": files} if files else {}
+            builder = datasets.load_dataset_builder(name, revision=commit or requested, **kwargs)
+            row = None
+            if files and str(files).endswith(".json") and "*" not in str(files):
+                # a JSON array streams only whole: read its head instead
+                row = first_json_array_row(lambda: _hub_file(name, commit or requested, files))
+            if row is None:
+                row = next(iter(builder.as_streaming_dataset(split=d.split)))
             at = f"@{commit[:12]} ({source})" if commit else " (unpinned)"
-            where = f"{name}{at}, builder {builder.name}, split {d.split}"
+            of = f" file {files}" if files else ""
+            where = f"{name}{at}{of}, builder {builder.name}, split {d.split}"
     except StopIteration:
         return Check("data", FAIL, f"{path}: split {d.split!r} has no rows")
     except Exception as exc:  # noqa: BLE001 - datasets / hub errors have many types: all named

@@ -66,6 +66,32 @@ def _open_dataset(task_cfg: dict[str, Any], splits: list[str]) -> str:
             f"{builder.name}; " + "; ".join(parts))
 
 
+def _origin(source: str, include: str | None) -> str:
+    """Where a task's YAML comes from: evaluate.include_path (which wins), Lethe's task
+    overrides (evaluation/task_data.py: registry tasks whose datasets need a loading
+    script), or lm-eval's registry."""
+    if include and source.startswith(str(Path(include).resolve())):
+        return f"task YAML in {include}"
+    try:
+        from orchestrator.evaluation.task_data import OVERRIDES_DIR
+    except ImportError:  # an older tree without the override folder
+        return "lm-eval registry task"
+    if source.startswith(str(OVERRIDES_DIR)):
+        return "Lethe's override in configs/eval/lm_eval_tasks"
+    return "lm-eval registry task"
+
+
+def _remote_name(path: str, kwargs: dict[str, Any]) -> str:
+    """How a dataset that needs the network is named in a `not checked` line."""
+    if path not in _PACKAGED:
+        return f"hub dataset {path}"
+    files = kwargs.get("data_files")
+    first = next(iter(files.values())) if isinstance(files, dict) else files
+    first = first[0] if isinstance(first, list) and first else first
+    host = str(first).split("/")[2] if "://" in str(first) else str(first)
+    return f"{path} files from {host}"
+
+
 def _task_config(manager: Any, name: str) -> tuple[str, dict[str, Any] | None, str]:
     """(kind, the task's YAML config with includes resolved, where it comes from)."""
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -110,11 +136,9 @@ def _check_task(cfg: ExperimentConfig, manager: Any, name: str, label: str,
     splits = _splits(task_cfg, shots)
     path = str(task_cfg["dataset_path"])
     kwargs = dict(task_cfg.get("dataset_kwargs") or {})
-    # evaluate.include_path's YAML wins over a registry task of the same name
-    origin = (f"task YAML in {include}" if include and str(Path(include).resolve()) in source
-              else "lm-eval registry task")
+    origin = _origin(source, include)
     if blocked and _needs_hub(path, kwargs):
-        return [Check(what, NOT_CHECKED, f"hub dataset {path} ({origin}; splits "
+        return [Check(what, NOT_CHECKED, f"{_remote_name(path, kwargs)} ({origin}; splits "
                       f"{', '.join(splits)}): not opened: {blocked}")]
     key = json.dumps([path, task_cfg.get("dataset_name"), kwargs, splits], sort_keys=True,
                      default=str)
