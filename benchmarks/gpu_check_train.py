@@ -95,6 +95,7 @@ def check_training(device, mode: str, stage: int, workdir: Path) -> dict[str, An
         hf_modeling.checkpoint = real_checkpoint
     seconds = time.perf_counter() - t0
     m = result.metrics
+    ran = job.train_config()
     export = Path(result.export_dir)
     out = {
         "zero_stage": m.get("zero_stage"), "engine": m.get("engine"), "steps": result.steps,
@@ -103,7 +104,9 @@ def check_training(device, mode: str, stage: int, workdir: Path) -> dict[str, An
         "mean_tokens_per_s": m.get("mean_tokens_per_s"), "seconds_total": seconds,
         "peak_gib": peak_gib(device, mem0),
         "exported": (export / "model.safetensors").is_file() or any(export.glob("*.safetensors")),
-        "lora_r": 64, "dtype": "bfloat16", "micro_batch_size": SIZES[mode]["micro"],
+        # what the job ran with, read back from it (not restated here)
+        "lora_r": ran.lora.r if ran.lora else None, "dtype": ran.dtype,
+        "micro_batch_size": ran.micro_batch_size,
     }
     finite = all(isinstance(out[k], float) and math.isfinite(out[k]) for k in ("pos_loss", "neg_loss"))
     out["ok"] = bool(result.steps == 3 and calls["n"] > 0 and finite and out["exported"]
