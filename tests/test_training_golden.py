@@ -1,16 +1,25 @@
 """Golden values: the training loss curve, exported weights and token scores of tiny models
-for fixed seeds, bit for bit on CPU.
+for fixed seeds on CPU, compared within a tolerance that pins behaviour, not one processor's
+float rounding.
 
 Recorded before the training loop became a recipe class (issue 13) and the three loss paths
-became one: a refactor that changes any float here changed behaviour. `python
-tests/test_training_golden.py` records the current values (only after an intended
-change, with the reason in the commit message) writes them to tests/data/golden_*.json.
+became one. float32 sums round differently across CPUs (vector width: PyTorch's
+ATEN_CPU_CAPABILITY default/avx2/avx512; the thread split), so values recorded on one machine
+differ on another in the 7th-8th significant digit: measured on one AVX512 machine, curves
+and final metrics within 1e-7 relative across ATEN_CPU_CAPABILITY=default/avx2/avx512 and 1/2
+threads, token losses within 1e-6. Exported weights spread more, up to 2.1e-5 absolute (in
+lm_head rows whose gradient is ~0, where Adam's g/sqrt(v) amplifies rounding). Each tolerance
+below is about 10-100x that spread and far below what a real change moves: the loss curve
+moves by ~1e-3 relative when lambda is scaled by 1.01 inside the objective, and the weight
+tolerance is ~7 % of one Adam step (lr 3e-3). `python
+tests/test_training_golden.py` records the current values (only after an intended change,
+with the reason in the commit message) to tests/data/golden_*.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,22 +29,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training_support import make_base, make_corpus, make_job  # noqa: E402
 
+DATA = Path(__file__).parent / "data"
 # Per-report metrics that depend on the clock, not on the arithmetic.
 TIMED = {"tokens_per_s", "step_time_s", "timing"}
-
-GOLDEN: dict[str, dict] = {}
-
-
-def _tensor_digest(path: Path) -> str:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy()
-                 .tobytes())
-    return h.hexdigest()[:16]
+# Curves and final metrics: relative (with an absolute floor for values near 0).
+CURVE_RTOL, CURVE_ATOL = 1e-5, 1e-7
+# Exported weights (|w| ~ 0.02-1) and token losses (~1-10 nats).
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-3, 2e-4
+SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-6
 
 
 def _plain(value):
@@ -79,11 +80,11 @@ def _trainings(tmp: Path) -> dict[str, dict]:
                  if k not in TIMED | {"wall_seconds", "mean_tokens_per_s", "train_seconds"}}
         out[name] = {"curve": _curve(Path(job.storage_path) / job.run_name),
                      "final": _plain(final),
-                     "weights": _tensor_digest(Path(result.export_dir) / "model.safetensors")}
+                     "weights": Path(result.export_dir) / "model.safetensors"}
     return out
 
 
-def _scores() -> dict[str, list]:
+def _scores() -> dict[str, list[list[float]]]:
     import torch
 
     from orchestrator.config import ModelSpec
@@ -106,8 +107,39 @@ def _scores() -> dict[str, list]:
     batch = {"sample_id": np.arange(12), "input_ids": ids, "response_mask": masks}
     with torch.no_grad():
         out = TokenScorer.from_models(base, ref, token_budget=120, chunk_size=7)(batch)
-    return {k: [np.asarray(r, np.float32).tobytes().hex() for r in out[k]]
+    return {k: [np.asarray(r, np.float32).tolist() for r in out[k]]
             for k in ("base_loss", "ref_loss")}
+
+
+def assert_close(got, want, where: str = "") -> None:
+    """Equal structure, equal ints/strings/bools, floats within CURVE_RTOL/CURVE_ATOL; the
+    first difference is named by its path (e.g. `curve[1].neg_loss`)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), \
+            f"{where or 'top'}: keys {sorted(got)} != recorded {sorted(want)}"
+        for k in want:
+            assert_close(got[k], want[k], f"{where}.{k}" if where else k)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), \
+            f"{where}: length {len(got)} != recorded {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert isinstance(got, int | float) and math.isclose(
+            got, want, rel_tol=CURVE_RTOL, abs_tol=CURVE_ATOL), \
+            f"{where}: {got!r} != recorded {want!r} (rtol {CURVE_RTOL}, atol {CURVE_ATOL})"
+    else:
+        assert got == want, f"{where}: {got!r} != recorded {want!r}"
+
+
+def assert_weights_close(got: Path, want: Path) -> None:
+    from safetensors.numpy import load_file
+
+    g, w = load_file(str(got)), load_file(str(want))
+    assert sorted(g) == sorted(w), f"tensor names {sorted(g)} != recorded {sorted(w)}"
+    for name in sorted(w):
+        np.testing.assert_allclose(g[name], w[name], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL,
+                                   err_msg=f"weights {name} of {got}")
 
 
 @pytest.fixture(scope="module")
@@ -116,22 +148,42 @@ def trainings(tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("case", ["forget-plain", "forget-zero2", "sft-skip"])
-def test_training_is_bit_equal_to_the_recorded_run(trainings, case):
-    want = json.loads((Path(__file__).parent / "data" / "golden_training.json").read_text())
-    assert trainings[case] == want[case]
+def test_training_matches_the_recorded_run(trainings, case):
+    want = json.loads((DATA / "golden_training.json").read_text())[case]
+    got = trainings[case]
+    assert_close({"curve": got["curve"], "final": got["final"]},
+                 {"curve": want["curve"], "final": want["final"]})
+    assert_weights_close(got["weights"], DATA / f"golden_weights_{case}.safetensors")
 
 
-def test_scores_are_bit_equal_to_the_recorded_ones():
-    want = json.loads((Path(__file__).parent / "data" / "golden_scores.json").read_text())
-    assert _scores() == want
+def test_scores_match_the_recorded_ones():
+    want = json.loads((DATA / "golden_scores.json").read_text())
+    got = _scores()
+    for key in want:
+        assert len(got[key]) == len(want[key]), key
+        for i, (g, w) in enumerate(zip(got[key], want[key], strict=True)):
+            np.testing.assert_allclose(g, w, rtol=SCORE_RTOL, atol=SCORE_ATOL,
+                                       err_msg=f"{key} of row {i}")
+
+
+def test_the_comparison_fails_on_a_real_change():
+    """The tolerance is not so loose that a 0.1 % change of one recorded value passes."""
+    want = json.loads((DATA / "golden_training.json").read_text())["forget-plain"]["curve"]
+    moved = json.loads(json.dumps(want))
+    moved[1]["neg_loss"] *= 1.001
+    with pytest.raises(AssertionError, match=r"curve\[1\]\.neg_loss"):
+        assert_close({"curve": moved}, {"curve": want})
 
 
 if __name__ == "__main__":
+    import shutil
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        data_dir = Path(__file__).parent / "data"
-        (data_dir / "golden_training.json").write_text(
-            json.dumps(_trainings(Path(d)), indent=1, sort_keys=True) + "\n")
-        (data_dir / "golden_scores.json").write_text(json.dumps(_scores(), indent=1) + "\n")
-        print("recorded", data_dir / "golden_training.json", data_dir / "golden_scores.json")
+        runs = _trainings(Path(d))
+        for case, run in runs.items():
+            shutil.copyfile(run.pop("weights"), DATA / f"golden_weights_{case}.safetensors")
+        (DATA / "golden_training.json").write_text(
+            json.dumps(runs, indent=1, sort_keys=True) + "\n")
+        (DATA / "golden_scores.json").write_text(json.dumps(_scores(), indent=1) + "\n")
+        print("recorded", *sorted(p.name for p in DATA.glob("golden_*")))
