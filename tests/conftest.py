@@ -56,6 +56,31 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """tests/test_training_support.py's tiny base model (a LLaMA of 2 layers built from a
+    seed, and its trained tokenizer), built once for the session instead of once per
+    training test module (8 builds before). Tests read it and never write into it: the
+    folder's content is compared at the end of the session, and a change fails there."""
+    import hashlib
+    from pathlib import Path
+
+    from test_training_support import make_base
+
+    path = make_base(tmp_path_factory.mktemp("tiny-base") / "base")
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        for f in sorted(Path(path).rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()
+
+    before = digest()
+    yield path
+    assert digest() == before, f"a test wrote into the shared tiny base {path}"
+
+
+@pytest.fixture(scope="session")
 def report_page(tmp_path_factory):
     """(config, report path) of a fabricated finished run (tests/report_run.py), built once
     for tests/test_report.py and tests/test_report_browser.py."""

@@ -165,6 +165,9 @@ def test_mlflow_server_killed_mid_training(tmp_path, capsys):
         # (an outage that outlasts training: test_metrics_mlflow_never_took_are_spooled_...)
     finally:
         stop_ui(proc)
+    assert proc.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # stop_ui ended the server's whole process group
 
 
 def test_failing_run_with_mlflow_down_ends_fast_and_lethe_sync_catches_up(tmp_path, monkeypatch,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_training_support import make_base, make_corpus, make_job, tiny_spec
+from test_training_support import make_corpus, make_job, tiny_spec
 
 from orchestrator.method import token_loss
 from orchestrator.training import distributed, run_training_local
@@ -24,9 +24,9 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_base):
     tmp = tmp_path_factory.mktemp("gpu_ready")
-    return tmp, make_base(tmp / "base"), make_corpus(tmp / "corpus.parquet", n=16)
+    return tmp, tiny_base, make_corpus(tmp / "corpus.parquet", n=16)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_support import make_base, make_corpus, make_job
+from test_training_support import make_corpus, make_job
 
 from orchestrator.training import run_trainings
 from orchestrator.training.context import read_rank_shard
@@ -180,10 +180,11 @@ def _recorded(ids_dir: Path) -> tuple[dict, dict]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_sigkilled_after_a_checkpoint_resume_to_the_same_weights(ray_local, tmp_path):
+def test_two_workers_sigkilled_after_a_checkpoint_resume_to_the_same_weights(ray_local, tmp_path,
+                                                                              tiny_base):
     import ray
 
-    base = make_base(tmp_path / "base")
+    base = tiny_base
     parts = write_parts(make_corpus(tmp_path / "corpus.parquet", n=POOL), tmp_path / "parts",
                         PART_SIZES)
     jobs = {}

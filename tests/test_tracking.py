@@ -300,35 +300,6 @@ def test_compare_headline_average_in_points_on_the_parent(sqlite_tracker, tmp_pa
 # ------------------------------------------------------------------------ a live server
 
 
-@pytest.mark.slow
-def test_mlflow_server_receives_a_run(tmp_path, monkeypatch):
-    from orchestrator.tracking.ui import start_ui, stop_ui
-
-    port = _free_port()
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = start_ui(store, port=port, timeout=90, log_path=tmp_path / "server.log")
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        check_reachable(uri)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        cfg = _config(name="served")
-        tracker = Tracker.open(cfg, tmp_path / "unused")
-        assert tracker.uri == uri
-        tracker.start_parent("p", cfg)
-        with tracker.child("c", {"family": "llama", "method": "sft", "seed": 0}) as run:
-            run.log_eval_metrics({"mc": {"acc": 0.25}})
-            run.log_dict({"ok": True}, "served.json")
-        tracker.end_parent()
-        runs = _search(uri, "served")
-        assert len(runs) == 2 and 0.25 in runs["metrics.eval/mc/acc"].tolist()
-        assert list((tmp_path / "mlartifacts").rglob("served.json"))  # proxied to the run dir
-    finally:
-        stop_ui(proc)
-    assert proc.poll() is not None
-    with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)  # the whole process group is gone
-
-
 # ------------------------------------------------------------------------ inspect
 
 
@@ -388,9 +359,12 @@ def test_compare_leaves_no_tracking_uri_behind(tmp_path, monkeypatch):
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
-def test_lethe_ui_stops_its_server_on_sigterm(tmp_path):
-    """`lethe ui` runs the MLflow server in its own process group; a SIGTERM to the command
-    (a job manager, `timeout`) must stop the server too."""
+@pytest.mark.slow
+def test_lethe_ui_server_receives_a_run_and_stops_on_sigterm(tmp_path, monkeypatch):
+    """`lethe ui`'s MLflow server takes a run logged through MLFLOW_TRACKING_URI (metrics,
+    and an artifact proxied into the run directory); the server runs in its own process
+    group, and a SIGTERM to the command (a job manager, `timeout`) stops the server too.
+    (One server for both: each start costs ~8 s of CPU.)"""
     import signal
     import subprocess
     import sys
@@ -401,7 +375,8 @@ def test_lethe_ui_stops_its_server_on_sigterm(tmp_path):
     cfg.write_text(f"name: ui-test\nrun_dir: {tmp_path}/runs\nmodels:\n"
                    "  - {name: m, family: llama, from_config: {hidden_size: 32}}\n")
     lethe = Path(sys.executable).parent / "lethe"
-    proc = subprocess.Popen([str(lethe), "ui", str(cfg), "--port", str(_free_port())],
+    port = _free_port()
+    proc = subprocess.Popen([str(lethe), "ui", str(cfg), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server_pid = None
     deadline = time.time() + 60
@@ -411,6 +386,21 @@ def test_lethe_ui_stops_its_server_on_sigterm(tmp_path):
             server_pid = int(m.group(1))
     try:
         assert server_pid is not None and psutil.pid_exists(server_pid)
+        uri = f"http://127.0.0.1:{port}"  # answering: lethe ui prints the pid once it is
+        check_reachable(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        served = _config(name="served")
+        tracker = Tracker.open(served, tmp_path / "unused")
+        assert tracker.uri == uri
+        tracker.start_parent("p", served)
+        with tracker.child("c", {"family": "llama", "method": "sft", "seed": 0}) as run:
+            run.log_eval_metrics({"mc": {"acc": 0.25}})
+            run.log_dict({"ok": True}, "served.json")
+        tracker.end_parent()
+        runs = _search(uri, "served")
+        assert len(runs) == 2 and 0.25 in runs["metrics.eval/mc/acc"].tolist()
+        assert list((tmp_path / "runs").rglob("served.json"))  # proxied to the run dir
+
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         time.sleep(1)

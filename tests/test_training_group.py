@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_support import exported_weights, make_base, make_corpus, make_job
+from test_training_support import exported_weights, make_corpus, make_job
 
 from orchestrator.training import run_training_local, run_trainings
 from orchestrator.training.loop import FAIL_MARKER
@@ -26,8 +26,8 @@ COMMON = {"num_workers": 1, "micro_batch_size": 8, "grad_accum_steps": 1, "epoch
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_jobs_share_one_worker_group_and_resume_after_a_failure(ray_local, tmp_path):
-    base = make_base(tmp_path / "base")
+def test_jobs_share_one_worker_group_and_resume_after_a_failure(ray_local, tmp_path, tiny_base):
+    base = tiny_base
     data = make_corpus(tmp_path / "corpus.parquet", n=64)
     sft = make_job(tmp_path / "group", base, data, method="sft", name="g-sft", **COMMON)
     forget = make_job(tmp_path / "group", base, data, method="forget", name="g-forget", **COMMON)
@@ -80,13 +80,13 @@ def test_a_stale_extension_build_lock_is_cleared(tmp_path):
     assert not stale.exists() and fresh.exists()  # a build in progress keeps its lock
 
 
-def test_deepspeed_jobs_in_one_worker_equal_jobs_alone(tmp_path):
+def test_deepspeed_jobs_in_one_worker_equal_jobs_alone(tmp_path, tiny_base):
     """The worker function itself (no Ray): two ZeRO-2 jobs one after the other in one
     process (one process group, two DeepSpeed engines) give the weights of each job alone."""
     from orchestrator.training.loop import train_loop_per_worker
     from orchestrator.training.stage import loop_config
 
-    base = make_base(tmp_path / "base")
+    base = tiny_base
     data = make_corpus(tmp_path / "corpus.parquet", n=32)
     kw = {**COMMON, "deepspeed": "configs/deepspeed/zero2.json", "checkpoint_every": 0,
           "max_failures": 0, "epochs": 1.0}

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_support import make_base, make_corpus, make_job, mean_ce_by_class, tiny_spec
+from test_training_support import make_corpus, make_job, mean_ce_by_class, tiny_spec
 
 from orchestrator.method.objective import forgetting_objective
 from orchestrator.models import load_model
@@ -21,9 +21,9 @@ from orchestrator.training.loss import Normalizer, TokenLossModel, objective_for
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_base):
     tmp = tmp_path_factory.mktemp("train_loop")
-    base = make_base(tmp / "base")
+    base = tiny_base
     data = make_corpus(tmp / "corpus.parquet", n=32)
     return tmp, base, data
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_support import make_base, make_corpus, make_job, mean_ce_by_class
+from test_training_support import make_corpus, make_job, mean_ce_by_class
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orchestrator.training import SubsetSpec, run_training, run_trainings
@@ -27,9 +27,9 @@ COMMON = {"num_workers": 2, "micro_batch_size": 4, "grad_accum_steps": 2, "epoch
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_base):
     tmp = tmp_path_factory.mktemp("train_ray")
-    base = make_base(tmp / "base")
+    base = tiny_base
     data = make_corpus(tmp / "corpus.parquet", n=64)
     valid = make_corpus(tmp / "valid.parquet", n=16, seed=1, noise=0.0)
     return tmp, base, data, valid

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_support import exported_weights, make_base, make_corpus, make_job
+from test_training_support import exported_weights, make_corpus, make_job
 
 from orchestrator.training import run_training_local
 from orchestrator.training.loop import FAIL_MARKER
@@ -61,8 +61,9 @@ def test_session_name_is_stable_and_names_the_family():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_one_run_serves_jobs_fed_over_time_and_resumes_after_a_failure(ray_local, tmp_path):
-    base = make_base(tmp_path / "base")
+def test_one_run_serves_jobs_fed_over_time_and_resumes_after_a_failure(ray_local, tmp_path,
+                                                                          tiny_base):
+    base = tiny_base
     data = make_corpus(tmp_path / "corpus.parquet", n=32)
     ref = make_job(tmp_path / "s", base, data, method="sft", name="s-ref", **COMMON)
     sft = make_job(tmp_path / "s", base, data, method="sft", name="s-sft", seed=1, **COMMON)
