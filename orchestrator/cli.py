@@ -7,7 +7,7 @@
     lethe report CONFIG [--out PATH]                        the run as one self-contained HTML page
     lethe ui CONFIG [--port 5000]                           MLflow UI on 127.0.0.1 (a server's: URL + tunnel)
     lethe inspect CONFIG --model NAME --sample ID           a sample's tokens by score / class
-    lethe validate CONFIG [overrides]                       print the resolved config
+    lethe validate CONFIG [overrides]                       print the resolved config (+ data row layouts)
     lethe sync CONFIG                                       send metrics spooled in an MLflow outage
     lethe plan CONFIG [overrides] [--address A]             dry run: stages, cache, steps, resources
     lethe plan CONFIG --check                               open the data, eval tasks, models, MLflow
@@ -116,12 +116,16 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
+    from orchestrator.data.row_formats import describe_first_rows
     from orchestrator.evaluation.runner import describe_plan
 
     cfg = _load(args)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.evaluate.enabled:  # as YAML comments: the output stays a loadable config
         print("\n".join(f"# evaluate: {line}" for line in describe_plan(cfg.evaluate)))
+    rows = describe_first_rows(cfg.data)  # a local data file: the layout of its first rows
+    if rows:
+        print("\n".join(f"# data (format {cfg.data.format}): {line}" for line in rows))
     return 0
 
 
@@ -169,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--sample", type=int, required=True, help="sample_id")
     ins.add_argument("--html", default=None, help="also write the HTML page here")
     ins.set_defaults(fn=_cmd_inspect)
-    with_config("validate", "print the resolved config").set_defaults(fn=_cmd_validate)
+    with_config("validate", "print the resolved config and the format of a local data "
+                "file's first rows").set_defaults(fn=_cmd_validate)
     with_config("sync", "send metrics MLflow did not take during an outage "
                 "(runs/<name>/**/mlflow_pending)").set_defaults(fn=_cmd_sync)
     plan = with_config("plan", "dry run: stages, hashes, cache, samples, steps, resources")

@@ -9,6 +9,7 @@ arXiv 2508.04329.
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -50,6 +51,34 @@ class SyntheticConfig(Strict):
     """Seed of the generator: the same seed gives the same corpus."""
 
 
+class ColumnsConfig(Strict):
+    """Column names of the source rows where they differ from the layout's own (as
+    LLaMA-Factory's dataset_info `columns` and `tags`); orchestrator/data/row_formats.py."""
+
+    messages: str = Field(default="messages", min_length=1)
+    """The message list of a `messages` row."""
+    conversations: str = Field(default="conversations", min_length=1)
+    """The turn list of a `sharegpt` row."""
+    role: str | None = Field(default=None, min_length=1)
+    """A message's role key; None = the layout's own (role; sharegpt: from)."""
+    content: str | None = Field(default=None, min_length=1)
+    """A message's text key; None = the layout's own (content; sharegpt: value)."""
+    system: str = Field(default="system", min_length=1)
+    """The top-level system prompt of `sharegpt` and `alpaca` rows."""
+    prompt: str = Field(default="prompt", min_length=1)
+    """The prompt of a `prompt_completion` row."""
+    completion: str = Field(default="completion", min_length=1)
+    """The completion of a `prompt_completion` row."""
+    instruction: str = Field(default="instruction", min_length=1)
+    """The instruction of an `alpaca` row."""
+    input: str = Field(default="input", min_length=1)
+    """The optional input of an `alpaca` row (appended to the instruction)."""
+    output: str = Field(default="output", min_length=1)
+    """The response of an `alpaca` row."""
+    history: str = Field(default="history", min_length=1)
+    """The optional earlier [question, answer] pairs of an `alpaca` row."""
+
+
 class DataConfig(Strict):
     """Where the training rows come from and how they become tokens."""
 
@@ -71,8 +100,16 @@ class DataConfig(Strict):
     `Aligh1380/forgetting-llm-dataset`); read at `revision` like the rest, as the split
     `train` (datasets' rule for data files given alone). Source hf only; None = the dataset
     as its card or layout defines it."""
-    format: Literal["auto", "messages", "prompt_completion"] = "auto"
-    """Row layout: chat `messages`, `prompt` / `completion` pairs, or detected per row."""
+    format: Literal["auto", "messages", "prompt_completion", "sharegpt", "alpaca"] = "auto"
+    """Row layout (README "Your data"): chat `messages`, `prompt` / `completion`, ShareGPT
+    `conversations`, Alpaca `instruction` / `input` / `output`; auto = found per row from
+    its keys."""
+    columns: ColumnsConfig | None = None
+    """Column names where the rows' differ from the layout's own, e.g. {messages: dialogue,
+    role: speaker, content: text} or {instruction: question, output: answer}."""
+    roles: dict[str, str] | None = None
+    """Role names of the rows -> system / user / assistant, added to the layout's own
+    (messages: those three; sharegpt: also human, gpt), e.g. {human: user, bot: assistant}."""
     chat_template: Literal["paper", "tokenizer"] = "paper"
     """paper: the open-instruct / Tulu template the authors trained with; tokenizer: the
     tokenizer's own chat template."""
@@ -92,6 +129,18 @@ class DataConfig(Strict):
     is parsed or tokenized: one runaway row must not exhaust memory. None = no bound."""
     synthetic: SyntheticConfig = SyntheticConfig()
     """The embedded corpus (source: synthetic)."""
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, roles: dict[str, str] | None) -> dict[str, str] | None:
+        allowed = ("system", "user", "assistant")
+        for name, role in (roles or {}).items():
+            if role not in allowed:
+                close = difflib.get_close_matches(str(role), allowed, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"{name}: {role!r} is not a role{hint}; allowed: "
+                                 f"{', '.join(allowed)}")
+        return roles
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:

@@ -1,4 +1,7 @@
-"""Row validation and chat formatting: a source row -> text + character spans.
+"""Chat formatting: a source row -> text + character spans.
+
+Rows in every layout (messages, sharegpt, prompt_completion, alpaca) are first normalised
+into validated messages by `row_formats.py`; this module adds the noise spans and renders.
 
 The output of this module is character-level: the full conversation text, the spans of
 every assistant turn's trained part, and the ground-truth noise spans. Token masks are
@@ -16,12 +19,13 @@ stripped, unlike open-instruct) so that character spans given in the data stay v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.data.errors import DataError, RowRejected
+from orchestrator.data.row_formats import ROLES, RowMessages, row_to_messages
 
-ROLES = ("system", "user", "assistant")
 ROLE_TAGS = {role: f"<|{role}|>\n" for role in ROLES}
 
 Span = tuple[int, int]
@@ -36,6 +40,12 @@ class Conversation:
     # noise annotation at all (as opposed to [] = annotated and clean).
     noise_spans: list[tuple[int, int, int]] | None
     source_id: str | None
+    # assistant turns that are context, not trained (a conversational prompt's own turns)
+    context_turns: frozenset[int] = field(default_factory=frozenset)
+
+    def trained(self, i: int) -> bool:
+        """Whether message i's content (+ end marker) is a training target."""
+        return self.messages[i]["role"] == "assistant" and i not in self.context_turns
 
 
 @dataclass(frozen=True)
@@ -48,40 +58,8 @@ class FormattedSample:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list):
-        raise RowRejected("missing_fields", f"'messages' must be a list, got {type(messages).__name__}")
-    if not messages:
-        raise RowRejected("empty_messages", "'messages' is an empty list")
-    clean: list[dict[str, str]] = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise RowRejected("missing_fields", f"message {i} needs 'role' and 'content' keys")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise RowRejected("unknown_role", f"message {i} has role {role!r}; allowed: {list(ROLES)}")
-        if not isinstance(content, str):
-            raise RowRejected(
-                "non_string_content", f"message {i} content is {type(content).__name__}, not a string"
-            )
-        if role == "assistant" and not content.strip():
-            raise RowRejected("empty_assistant_content", f"message {i} (assistant) has empty content")
-        clean.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in clean):
-        raise RowRejected("no_assistant_turn", "no message has role 'assistant'")
-    return clean
-
-
-def _messages_from_prompt_completion(row: dict[str, Any]) -> list[dict[str, str]]:
-    for key in ("prompt", "completion"):
-        if not isinstance(row[key], str):
-            raise RowRejected("non_string_content", f"'{key}' is {type(row[key]).__name__}, not a string")
-    if not row["completion"].strip():
-        raise RowRejected("empty_assistant_content", "'completion' is empty")
-    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
-
-
-def _check_noise_spans(raw: Any, messages: list[dict[str, str]]) -> list[tuple[int, int, int]]:
+def _check_noise_spans(raw: Any, parsed: RowMessages) -> list[tuple[int, int, int]]:
+    messages = parsed.messages
     if not isinstance(raw, list):
         raise RowRejected("invalid_noise_spans", f"'noise_spans' must be a list, got {type(raw).__name__}")
     spans = []
@@ -92,8 +70,10 @@ def _check_noise_spans(raw: Any, messages: list[dict[str, str]]) -> list[tuple[i
             raise RowRejected(
                 "invalid_noise_spans", f"noise span {j} needs integer 'message', 'start', 'end'"
             ) from None
-        if not 0 <= m < len(messages) or messages[m]["role"] != "assistant":
-            raise RowRejected("invalid_noise_spans", f"noise span {j}: message {m} is not an assistant turn")
+        if (not 0 <= m < len(messages) or messages[m]["role"] != "assistant"
+                or m in parsed.context_turns):
+            raise RowRejected("invalid_noise_spans",
+                              f"noise span {j}: message {m} is not a trained assistant turn")
         if not 0 <= s < e <= len(messages[m]["content"]):
             raise RowRejected(
                 "invalid_noise_spans",
@@ -103,29 +83,21 @@ def _check_noise_spans(raw: Any, messages: list[dict[str, str]]) -> list[tuple[i
     return spans
 
 
-def conversation_from_row(row: Any, fmt: str = "auto") -> Conversation:
-    """Validate one source row (`messages` or `prompt`+`completion`); raise RowRejected."""
-    if not isinstance(row, dict):
-        raise RowRejected("not_an_object", f"row is {type(row).__name__}, not a JSON object")
-    has_messages = row.get("messages") is not None
-    has_pc = row.get("prompt") is not None and row.get("completion") is not None
-    if fmt == "messages" or (fmt == "auto" and has_messages):
-        if "messages" not in row or row["messages"] is None:
-            raise RowRejected("missing_fields", "format 'messages' needs a 'messages' key")
-        messages = _check_messages(row["messages"])
-    elif fmt == "prompt_completion" or (fmt == "auto" and has_pc):
-        missing = [k for k in ("prompt", "completion") if row.get(k) is None]
-        if missing:
-            raise RowRejected("missing_fields", f"format 'prompt_completion' is missing {missing}")
-        messages = _messages_from_prompt_completion(row)
-    else:
-        raise RowRejected(
-            "missing_fields", f"row has neither 'messages' nor 'prompt'+'completion' (keys: {sorted(row)})"
-        )
+def conversation_from_row(row: Any, fmt: str = "auto", columns: Any = None,
+                          roles: Mapping[str, str] | None = None) -> Conversation:
+    """Validate one source row in layout `fmt` (auto / messages / sharegpt /
+    prompt_completion / alpaca; row_formats.py, with data.columns and data.roles); raise
+    RowRejected. Noise spans are read on messages and prompt_completion rows only, whose
+    message numbers are the row's own (sharegpt and alpaca rows gain turns here)."""
+    parsed = row_to_messages(row, fmt, columns, roles)
     raw_noise = row.get("noise_spans")
-    noise = None if raw_noise is None else _check_noise_spans(raw_noise, messages)
+    if raw_noise is not None and parsed.format not in ("messages", "prompt_completion"):
+        raise RowRejected("invalid_noise_spans", f"noise_spans are read on messages and "
+                          f"prompt_completion rows only; this row is {parsed.format}")
+    noise = None if raw_noise is None else _check_noise_spans(raw_noise, parsed)
     source_id = row.get("id")
-    return Conversation(messages, noise, None if source_id is None else str(source_id))
+    return Conversation(parsed.messages, noise, None if source_id is None else str(source_id),
+                        parsed.context_turns)
 
 
 # ----------------------------------------------------------------------------- templates
@@ -156,7 +128,7 @@ def render_paper(conv: Conversation, eos_token: str) -> FormattedSample:
         tag = ROLE_TAGS[msg["role"]]
         body = msg["content"] + (eos_token if msg["role"] == "assistant" else "")
         content_starts[i] = pos + len(tag)
-        if msg["role"] == "assistant":
+        if conv.trained(i):
             spans.append((pos + len(tag), pos + len(tag) + len(body)))
         piece = tag + body + "\n"
         parts.append(piece)
@@ -198,7 +170,7 @@ def render_with_tokenizer(conv: Conversation, tokenizer: Any) -> FormattedSample
     spans: list[Span] = []
     content_starts: dict[int, int | None] = {}
     for i, msg in enumerate(conv.messages):
-        if msg["role"] != "assistant":
+        if not conv.trained(i):
             continue
         before = _apply_template_row(tokenizer, conv.messages[:i], True)
         upto = _apply_template_row(tokenizer, conv.messages[: i + 1], False)

@@ -29,6 +29,7 @@ from typing import Any
 
 from orchestrator.config import DataConfig
 from orchestrator.data.errors import DataError, RowRejected
+from orchestrator.data.row_formats import row_texts
 from orchestrator.hub import COMMIT, hub_commit, hub_offline
 
 _DATASETS_DIR_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -290,10 +291,12 @@ def iter_source_rows(cfg: DataConfig, rows_path: str | None = None) -> Iterator[
                                 stratify_by=cfg.stratify_by)
 
 
-def _row_texts(row: Any) -> list[str]:
+def _row_texts(row: Any, columns: Any = None, roles: Any = None) -> list[str]:
     if not isinstance(row, dict):
         return []
-    texts: list[str] = []
+    texts = row_texts(row, columns, roles) if columns is not None or roles else []
+    if texts:
+        return texts
     if isinstance(row.get("messages"), list):
         texts += [m["content"] for m in row["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
     for key in ("prompt", "completion", "question", "answer"):
@@ -301,16 +304,17 @@ def _row_texts(row: Any) -> list[str]:
             texts.append(row[key])
     if isinstance(row.get("choices"), list):
         texts += [c for c in row["choices"] if isinstance(c, str)]
-    return texts
+    return texts or row_texts(row, roles=roles)
 
 
-def corpus_texts(rows_path: str | Path, split: str = "train") -> Iterator[str]:
+def corpus_texts(rows_path: str | Path, split: str = "train", columns: Any = None,
+                 roles: Any = None) -> Iterator[str]:
     """Text to train a tokenizer on: one string per row (its message contents joined by
-    newlines). Understands training rows (messages, prompt/completion) and the synthetic
-    eval rows (question, choices, answer); malformed rows are skipped silently because a
-    tokenizer corpus needs no validation, prepare_dataset does that. `split`: a hub
-    dataset's split, the one that is tokenized (data.split)."""
+    newlines). Understands training rows in every layout (data.format; `columns`, `roles`:
+    data.columns, data.roles) and the synthetic eval rows (question, choices, answer); malformed rows
+    are skipped silently because a tokenizer corpus needs no validation, prepare_dataset
+    does that. `split`: a hub dataset's split, the one that is tokenized (data.split)."""
     for row in iter_path_rows(rows_path, split):
-        texts = _row_texts(row)
+        texts = _row_texts(row, columns, roles)
         if texts:
             yield "\n".join(texts)

@@ -173,7 +173,7 @@ def prepare_dataset(
         try:
             if isinstance(row, RowRejected):
                 raise row
-            conv = conversation_from_row(row, cfg.format)
+            conv = conversation_from_row(row, cfg.format, cfg.columns, cfg.roles)
             if isinstance(row.get("noise_kind"), str):
                 acc.noise_kinds[row_no] = row["noise_kind"]
             _check_row_size(conv, cfg.max_row_chars)

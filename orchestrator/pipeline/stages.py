@@ -132,8 +132,8 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
         # family's thread ("expected device meta but got cpu"), and the warm-up's seeded RNG
         # is the process's.
         with _BASE_BUILD_LOCK:
-            materialize_base(spec, corpus_texts(rows_path, cfg.data.split), model_dir,
-                             seed=cfg.seed)
+            corpus = corpus_texts(rows_path, cfg.data.split, cfg.data.columns, cfg.data.roles)
+            materialize_base(spec, corpus, model_dir, seed=cfg.seed)
             summary: dict[str, Any] = {"model_path": str(model_dir)}
             if spec.warmup is not None:  # clean synthetic text; held-out questions kept out
                 from orchestrator.models.warmup import warm_up_base
@@ -159,6 +159,9 @@ def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ide
     data_cfg = cfg.data.model_dump(mode="json")
     data_cfg.pop("synthetic")
     data_cfg.pop("revision")  # the commit it resolved to is in rows_ident (source_rows)
+    for unset in ("columns", "roles"):  # absent = the layouts' own names: keys stay as before
+        if data_cfg.get(unset) is None:
+            data_cfg.pop(unset, None)
     if data_cfg.get("limit") is None:  # the sample's seed / strata mean nothing without a limit
         data_cfg.pop("limit_seed", None)
         data_cfg.pop("stratify_by", None)
