@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/scale_bench.py [--sizes 20k,100k,200k] [--actors 2]
 
 For each size, in fresh child processes (so every figure is that size's own):
-- scoring: `run_scoring` (Ray actors read, score and write whole blocks) on a tokens.parquet
+- scoring: `run_scoring` (Ray Data: read_parquet, an actor pool, write_parquet) on a tokens.parquet
   written like the data stage writes it (one file, one row group); the driver's peak RSS is
   sampled every 10 ms during the call and reported absolute and as growth above its RSS
   just before the call (torch, Ray and pyarrow are already imported then);
@@ -111,7 +111,8 @@ def _score_child(args: dict, out: mp.Queue) -> None:
     try:
         t0 = time.perf_counter()
         with PeakRss() as mem:
-            run_scoring(Path(args["tokens"]), args["base"], args["ref"], cfg, Path(args["scores"]))
+            run_scoring(Path(args["tokens"]), args["base"], args["ref"], cfg, Path(args["scores"]),
+                        embedded=True)
         out.put({"seconds": time.perf_counter() - t0, "peak": mem.peak, "start": mem.start})
     finally:
         ray.shutdown()

@@ -17,12 +17,13 @@ alternating runs), the padded fraction of computed tokens, peak memory (CUDA
 max_memory_allocated; RSS growth on CPU) and the max difference between the two paths' losses.
 
 Second part (CPU, skipped with --ray-rows 0 or when Ray is not installed): the orchestration's
-own cost. The same TokenScorer through the scoring stage (`run_scoring`: Ray actors that
-load both models, read their blocks and write the part files) vs the bare scorer in this
-process (models loaded from the same folders, same Parquet input, same blocks and calls of
-`batch_size` rows) on a corpus of --ray-rows rows (default 20 000, demo-like lengths, the
-demo's 2-layer 64-wide model). Both use the machine's cores: the bare scorer all torch
-threads, the stage one actor per core. Wall time counts everything a user waits for (model
+own cost. The same TokenScorer through the scoring stage (`run_scoring`: a Ray Data
+pipeline, read_parquet -> map_batches on an actor pool whose actors load both models ->
+write_parquet from the workers) vs the bare scorer in this process (models loaded from the
+same folders, same Parquet input, calls of `batch_size` rows) on a corpus of --ray-rows rows
+(default 20 000, demo-like lengths, the demo's 2-layer 64-wide model). Both use the
+machine's cores: the bare scorer all torch threads, the stage one actor per core, with the
+embedded instance's settings (`run_scoring(embedded=True)`). Wall time counts everything a user waits for (model
 loads, actor start-up, reading, writing); Ray is started before the clock. The last line is
 `ratio ray/bare tokens_per_s <x>`, or `ratio lethe/naive tokens_per_s <x>` without Ray.
 """
@@ -159,10 +160,9 @@ def compare_stage(rows: int, actors: int | None, repeats: int, seed: int) -> Non
         tokens = write_tokens(root / "tokens.parquet", rows, vocab, (40, 160), seed)
         base, ref = save_models(root, DEMO_MODEL, vocab)
         cfg = ScoringConfig(num_actors=actors, batch_size=256, token_budget=8192, chunk_size=2048)
-        block_rows = 2048
         real = int(pq.read_table(tokens, columns=["num_tokens"])["num_tokens"].to_numpy().sum())
         print(f"# stage vs bare: {rows} rows, {real} tokens, demo model {DEMO_MODEL}, "
-              f"{actors} actor(s) x 1 CPU vs {cores} torch threads, block_rows {block_rows}")
+              f"{actors} actor(s) x 1 CPU vs {cores} torch threads")
         start_ray(actors)
         best: dict[str, float] = {}
         timings = {}
@@ -174,22 +174,21 @@ def compare_stage(rows: int, actors: int | None, repeats: int, seed: int) -> Non
             table = pq.read_table(tokens, columns=["sample_id", "input_ids", "response_mask"])
             table = table.sort_by("sample_id")
             bare = {"base_loss": [], "ref_loss": []}
-            for b0 in range(0, table.num_rows, block_rows):
-                block = table.slice(b0, block_rows)
-                for s0 in range(0, block.num_rows, cfg.batch_size):
-                    out = scorer(_table_to_batch(block.slice(s0, cfg.batch_size)))
-                    bare["base_loss"].extend(out["base_loss"])
-                    bare["ref_loss"].extend(out["ref_loss"])
+            for s0 in range(0, table.num_rows, cfg.batch_size):
+                out = scorer(_table_to_batch(table.slice(s0, cfg.batch_size)))
+                bare["base_loss"].extend(out["base_loss"])
+                bare["ref_loss"].extend(out["ref_loss"])
             best["bare"] = min(best.get("bare", float("inf")), time.perf_counter() - t0)
             del scorer
             out_dir = root / f"scores-{rep}"
             t0 = time.perf_counter()
-            run_scoring(tokens, base, ref, cfg, out_dir, block_rows=block_rows)
+            run_scoring(tokens, base, ref, cfg, out_dir, embedded=True)
             dt = time.perf_counter() - t0
             if dt < best.get("ray", float("inf")):
                 best["ray"] = dt
                 timings = json.loads((out_dir / "_SUCCESS.json").read_text())["timings"]
-            scores = pq.read_table(out_dir)
+                ray_stats = (out_dir / "_ray_data_stats.txt").read_text()
+            scores = pq.read_table(out_dir).sort_by("sample_id")
             shutil.rmtree(out_dir)
         ray.shutdown()
         diff, equal = 0.0, 0
@@ -202,6 +201,8 @@ def compare_stage(rows: int, actors: int | None, repeats: int, seed: int) -> Non
             print(f"{name:6s} {real / best[name]:12.0f} tokens/s (both models, wall incl. model "
                   f"loads)  {best[name]:.1f} s")
         print(f"# ray stage time split (s): {json.dumps(timings)}")
+        print("# Ray Data's stats of the fastest stage run:\n" + "\n".join(
+            f"#   {line}" for line in ray_stats.splitlines()))
         print(f"max |ray - bare| loss {diff:.2e}; rows bit-equal {equal}/{2 * rows}")
         print(f"ratio ray/bare tokens_per_s {best['bare'] / best['ray']:.3f}")
     finally:

@@ -200,7 +200,12 @@ class ScoringConfig(Strict):
     """Per-token losses of base and reference on every response token (Ray actors)."""
 
     num_actors: int = Field(default=1, ge=1)
-    """Scoring actors (each holds both models)."""
+    """Most scoring actors at once (each holds both models): the cap of Ray Data's actor
+    pool. All are asked for at start; those the cluster has no room for yet wait in Ray's
+    queue (an autoscaler sees them) and join when room appears."""
+    min_actors: int = Field(default=1, ge=1)
+    """Fewest scoring actors: the pool shrinks to this when actors idle (capped by
+    num_actors)."""
     num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
     """GPUs reserved per actor (0 = CPU)."""
     num_cpus_per_actor: float = Field(default=1.0, gt=0.0)

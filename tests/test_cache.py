@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -126,23 +125,6 @@ def test_validate_parquet_reads_footer_and_row_count(tmp_path):
     path.write_bytes(path.read_bytes()[:-30])
     assert not validate_parquet(path, 10) and "unreadable footer" in parquet_problem(path)
     assert parquet_problem(tmp_path / "none.parquet") == "missing"
-
-
-def test_block_plan_drops_invalid_parts_and_stale_temps(tmp_path):
-    from orchestrator.scoring.blocks import BlockPlan, part_path
-
-    plan = BlockPlan.create(np.arange(20), 8)  # blocks of 8, 8, 4 rows
-    plan.reconcile(tmp_path)
-    for b, n in enumerate([8, 8, 4]):
-        pq.write_table(pa.table({"sample_id": pa.array(range(n), pa.int64())}), part_path(tmp_path, b))
-    good = part_path(tmp_path, 0).read_bytes()
-    part_path(tmp_path, 1).write_bytes(good[: len(good) // 2])  # truncated by a crash
-    pq.write_table(pa.table({"sample_id": pa.array(range(3), pa.int64())}), part_path(tmp_path, 2))
-    temp = tmp_path / "_part-00001.parquet.77.89abcdef.tmp"
-    temp.write_bytes(b"partial")
-    plan.reconcile(tmp_path)  # same plan: parts are checked, not trusted
-    assert not temp.exists()
-    assert [p.name for p in sorted(tmp_path.glob("part-*"))] == ["part-00000.parquet"]
 
 
 # ----------------------------------------------------------------------------- locks

@@ -1,7 +1,9 @@
 """Fault drills with real processes (issue 12), each stopping what it started by PID:
 
-- the pipeline driver SIGKILLed mid-scoring: the rerun computes only the blocks that are
-  missing, and the scores equal an uninterrupted run's bit for bit;
+- the pipeline driver SIGKILLed mid-scoring: the rerun scores only the rows that are
+  missing, and the scores equal an uninterrupted run's (within 1e-6);
+- one scoring actor's process SIGKILLed mid-stage: Ray restarts it, retries its batches, and
+  the same stage call finishes with the uninterrupted run's scores;
 - two `lethe run --until partition` processes on one config at once: both finish, every
   stage (the reference's Ray Train run and the scoring actors included) is computed by
   exactly one of them (the other waits for its lock or finds it done, with a message), and
@@ -25,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_faults import _assert_same_table
 from test_scoring import _make_rows, _tiny_spec, _write_tokens
 from tiny_configs import TINY
 
@@ -36,26 +37,26 @@ pytestmark = [pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# The driver's script: run_scoring with an actor class that takes a second per block, so the
-# kill lands between blocks. The subclass is defined in __main__, so Ray ships it by value.
+# The driver's script: run_scoring with a scorer that takes a second per batch, so a kill
+# lands mid-stage. The subclass is defined in __main__, so Ray ships it by value.
 SLOW_DRIVER = textwrap.dedent("""
     import sys, time
     import ray
     from orchestrator.config import ScoringConfig
     from orchestrator.scoring import stage
 
-    class SlowBlockScorer(stage.BlockScorer):
-        def score_block(self, spec):
+    class SlowScoreBatches(stage.ScoreBatches):
+        def __call__(self, table):
             time.sleep(1.0)
-            return super().score_block(spec)
+            return super().__call__(table)
 
-    stage.BlockScorer = SlowBlockScorer
-    address, tokens, base, ref, out = sys.argv[1:6]
+    stage.ScoreBatches = SlowScoreBatches
+    address, tokens, base, ref, out, actors = sys.argv[1:7]
     ray.init(address=address)
-    cfg = ScoringConfig(num_actors=1, batch_size=8, token_budget=200)
+    cfg = ScoringConfig(num_actors=int(actors), batch_size=8, token_budget=200)
     print("driver: scoring", flush=True)
-    stage.run_scoring(tokens, base, ref, cfg, out, block_rows=8)
-    print("driver: finished (the kill came too late)", flush=True)
+    stage.run_scoring(tokens, base, ref, cfg, out)
+    print("driver: finished", flush=True)
 """)
 
 
@@ -71,64 +72,136 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _no_alive_actor(class_name: str, timeout: float = 60.0) -> None:
-    """Ray kills a dead driver's actors; wait until it has (its in-flight block included)."""
+def _actors(class_part: str, state: str | None = "ALIVE") -> list[dict]:
+    """This session's actors whose class name contains `class_part` (Ray Data names a pool's
+    actor class after its operator: MapWorker(MapBatches(SlowScoreBatches)))."""
     import ray
     from ray.util.state import list_actors
 
     # This session's instance by address: another Ray on the machine must not be picked.
     address = ray.get_runtime_context().gcs_address
+    found = list_actors(address=address, detail=True, limit=10_000,
+                        filters=[("state", "=", state)] if state else None)
+    return [a for a in found if class_part in (a.class_name or "")]
+
+
+def _no_alive_actor(class_part: str, timeout: float = 60.0) -> None:
+    """Ray kills a dead driver's actors; wait until it has (its in-flight batch included)."""
     deadline = time.time() + timeout
-    while list_actors(address=address,
-                      filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")]):
-        assert time.time() < deadline, f"{class_name} actors outlived their driver"
+    while _actors(class_part):
+        assert time.time() < deadline, f"{class_part} actors outlived their driver"
         time.sleep(0.5)
 
 
-@pytest.mark.slow
-def test_driver_sigkilled_mid_scoring_rerun_scores_only_the_missing_blocks(ray_local, tmp_path):
-    import pyarrow.parquet as pq
-
-    from orchestrator.config import ScoringConfig
+def _models_and_tokens(tmp_path: Path, rows: int) -> tuple[list[str], Path]:
     from orchestrator.models import build_model
-    from orchestrator.scoring import run_scoring, score_files
 
     models = []
     for role, seed in (("base", 0), ("ref", 1)):
         build_model(_tiny_spec("llama"), 97, seed=seed).save_pretrained(str(tmp_path / role))
         models.append(str(tmp_path / role))
-    tokens = _write_tokens(_make_rows(40), tmp_path / "tokens.parquet")  # 5 blocks of 8
-    cfg = ScoringConfig(num_actors=1, batch_size=8, token_budget=200)
-    clean = run_scoring(tokens, *models, cfg, tmp_path / "clean", block_rows=8)
+    return models, _write_tokens(_make_rows(rows), tmp_path / "tokens.parquet")
 
-    hurt = tmp_path / "hurt"
-    log = tmp_path / "driver.log"
+
+def _start_slow_driver(tmp_path: Path, tokens: Path, models: list[str], out: Path,
+                       actors: int) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"driver-{out.name}.log"
     with log.open("w") as fh:
         driver = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, _gcs_address(), str(tokens),
-                                   *models, str(hurt)], stdout=fh, stderr=subprocess.STDOUT,
-                                  cwd=ROOT, start_new_session=True)
+                                   *models, str(out), str(actors)], stdout=fh,
+                                  stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    return driver, log
+
+
+def _wait_for(what: str, check, driver: subprocess.Popen, log: Path, timeout: float = 180):
+    deadline = time.time() + timeout
+    while not (found := check()):
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"{what} did not happen in {timeout:.0f} s"
+        time.sleep(0.05)
+    return found
+
+
+def _same_scores(a: Path, b: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_scoring import _assert_close_scores
+
+    from orchestrator.scoring import score_files
+
+    read = lambda d: pa.concat_tables([pq.read_table(p) for p in score_files(d)])  # noqa: E731
+    _assert_close_scores(read(a), read(b), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_driver_sigkilled_mid_scoring_rerun_scores_only_the_missing_rows(ray_local, tmp_path):
+    from orchestrator.config import ScoringConfig
+    from orchestrator.scoring import run_scoring, score_files
+    from orchestrator.scoring.blocks import ScoredParts
+
+    models, tokens = _models_and_tokens(tmp_path, 40)  # 5 batches of 8
+    cfg = ScoringConfig(num_actors=1, batch_size=8, token_budget=200)
+    clean = run_scoring(tokens, *models, cfg, tmp_path / "clean")
+
+    hurt = tmp_path / "hurt"
+    driver, log = _start_slow_driver(tmp_path, tokens, models, hurt, actors=1)
     try:
-        deadline = time.time() + 120
-        while not (hurt / "part-00000.parquet").exists():
-            assert driver.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "the driver wrote no block in 2 minutes"
-            time.sleep(0.05)
+        _wait_for("a part file", lambda: hurt.is_dir() and score_files(hurt), driver, log)
     finally:
-        _kill(driver)  # SIGKILL: no cleanup, no marker, its actor is orphaned mid-block
-    _no_alive_actor("SlowBlockScorer")
+        _kill(driver)  # SIGKILL: no cleanup, no marker, its actor is orphaned mid-batch
+    _no_alive_actor("SlowScoreBatches")
 
     assert not (hurt / SUCCESS).exists()
-    written = len(score_files(hurt))
-    assert 1 <= written < 5, f"{written} of 5 blocks were written before the kill"
+    import numpy as np
 
-    run_scoring(tokens, *models, cfg, hurt, block_rows=8)
+    done = ScoredParts.reconcile(hurt, np.array([r["sample_id"] for r in _make_rows(40)]))
+    assert 1 <= len(done.sample_ids) < 40, f"{len(done.sample_ids)} of 40 rows were scored"
+
+    run_scoring(tokens, *models, cfg, hurt)
     summary = json.loads((hurt / SUCCESS).read_text())
-    assert summary["blocks_skipped"] == written
-    assert summary["blocks_computed"] == 5 - written
+    assert summary["rows_skipped"] == len(done.sample_ids)
+    assert summary["rows_scored_this_run"] == 40 - len(done.sample_ids)
     assert not list(hurt.glob("_*.tmp"))
-    for a, b in zip([pq.read_table(p) for p in score_files(clean)],
-                    [pq.read_table(p) for p in score_files(hurt)], strict=True):
-        _assert_same_table(a, b)
+    _same_scores(clean, hurt)
+
+
+@pytest.mark.slow
+def test_scoring_actor_sigkilled_mid_stage_ray_restarts_it_and_the_stage_finishes(ray_local,
+                                                                                tmp_path):
+    """One pool actor's process is SIGKILLed (by PID) while it scores: Ray restarts it and
+    retries its batches; the same stage call finishes, no rerun, and its scores equal an
+    uninterrupted run's."""
+    from orchestrator.config import ScoringConfig
+    from orchestrator.scoring import run_scoring
+
+    models, tokens = _models_and_tokens(tmp_path, 48)  # 6 batches of 8
+    clean = run_scoring(tokens, *models, ScoringConfig(num_actors=1, batch_size=8,
+                                                       token_budget=200), tmp_path / "clean")
+    hurt = tmp_path / "hurt"
+    t0 = time.time()
+    driver, log = _start_slow_driver(tmp_path, tokens, models, hurt, actors=2)
+    try:
+        # Mid-stage: an actor has scored a batch (its counters file, named by its PID, exists)
+        # and more batches are left. That actor's process is the one killed.
+        stats = hurt / "_actor_stats"
+        [first, *_] = _wait_for("a scored batch", lambda: stats.is_dir() and sorted(
+            stats.glob("*.json")), driver, log)
+        pid = int(first.name.split("-")[0])
+        [victim] = [a for a in _actors("SlowScoreBatches") if int(a.pid) == pid]
+        os.kill(pid, signal.SIGKILL)
+        driver.wait(timeout=300)
+    finally:
+        _kill(driver)
+    text = log.read_text()
+    assert driver.returncode == 0 and "driver: finished" in text, text[-3000:]
+    restarted = [a for a in _actors("SlowScoreBatches", state=None)
+                 if a.actor_id == victim.actor_id]
+    assert restarted and int(restarted[0].num_restarts) >= 1, restarted
+    summary = json.loads((hurt / SUCCESS).read_text())
+    assert summary["rows_skipped"] == 0 and summary["rows_scored_this_run"] == 48
+    _same_scores(clean, hurt)
+    print(f"\n[drill] scoring actor {pid} killed; the stage finished in "
+          f"{time.time() - t0:.1f} s without a rerun")
 
 
 @pytest.mark.slow
@@ -184,8 +257,8 @@ def test_two_lethe_runs_on_one_config_compute_each_stage_once(ray_local, tmp_pat
     assert not list(stages.rglob("_*.tmp"))
     [scores] = [stages / "scores" / key / "scores" for name, key in seen[0] if name == "scores"]
     summary = json.loads((scores / SUCCESS).read_text())
-    assert summary["blocks_skipped"] == 0 and summary["blocks_computed"] >= 1, summary
-    assert len(list(scores.glob("part-*.parquet"))) == summary["blocks_computed"]
+    assert summary["rows_skipped"] == 0 and summary["rows_scored_this_run"] >= 1, summary
+    assert len(list(scores.glob("part-*.parquet"))) == summary["files_written"]
     [part] = [stages / "partition" / key for name, key in seen[0] if name == "partition"]
     scored = sum(pq.ParquetFile(f).metadata.num_rows for f in scores.glob("part-*.parquet"))
     assert pq.ParquetFile(part / "partitioned.parquet").metadata.num_rows == scored

@@ -193,12 +193,25 @@ def test_missing_scores_names_the_sample(tmp_path, rows):
 @pytest.mark.ray
 @pytest.mark.parametrize("mode", ["global", "per_sample"])
 def test_distributed_path_equals_in_memory(ray_local, tmp_path, rows, mode):
+    from ray.data import DataContext
+
     tokens, scores = _write(rows, tmp_path)
     cfg = PartitionConfig(rho=0.7, mode=mode, histogram_bins=20)
     mem = run_partition(tokens, scores, cfg, tmp_path / "mem")
+    process_wide = DataContext.get_current()
+    before = (process_wide.execution_options.preserve_order, process_wide.enable_progress_bars)
     dist = run_partition(tokens, scores, cfg, tmp_path / "dist", in_memory_max_tokens=0,
                          rows_per_block=7)
     assert mem["path"] == "in_memory" and dist["path"] == "distributed"
+    # The classify pass wrote its parts from the workers (Ray Data's writer), into a folder,
+    # and left the process-wide DataContext as it found it.
+    assert DataContext.get_current() is process_wide
+    assert (process_wide.execution_options.preserve_order, process_wide.enable_progress_bars) == before
+    parts = sorted((tmp_path / "dist" / OUTPUT_FILE).glob("*.parquet"))
+    assert (tmp_path / "dist" / OUTPUT_FILE).is_dir() and len(parts) >= 2, parts
+    assert not list((tmp_path / "dist").glob("_*"))  # no temp folder, no statistics left
+    ids = pq.read_table(tmp_path / "dist" / OUTPUT_FILE, columns=["sample_id"])["sample_id"]
+    assert ids.to_pylist() == [r["sample_id"] for r in rows]  # the input's order
     assert _classes_by_sample(tmp_path / "dist" / OUTPUT_FILE).keys() == \
         _classes_by_sample(tmp_path / "mem" / OUTPUT_FILE).keys()
     for sid, classes in _classes_by_sample(tmp_path / "mem" / OUTPUT_FILE).items():
@@ -237,7 +250,7 @@ def test_synthetic_corpus_scored_and_partitioned(ray_local, tmp_path):
                     rows_path=str(synth.train))
     tokens = tmp_path / "data" / "tokens.parquet"
     scores = run_scoring(tokens, base, ref, ScoringConfig(num_actors=2, batch_size=8),
-                         tmp_path / "scores", block_rows=16)
+                         tmp_path / "scores")
     report = run_partition(tokens, scores, PartitionConfig(rho=0.7), tmp_path / "part")
 
     src = pq.read_table(tokens).sort_by("sample_id").to_pydict()

@@ -16,13 +16,16 @@ threshold), histogram.png.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.cache import atomic_write_json, atomic_write_parquet, commit_temp, temp_path
+from orchestrator.cache import atomic_write_json, atomic_write_parquet, temp_path
 from orchestrator.config import PartitionConfig
 from orchestrator.method.partition import (
     auroc,
@@ -45,9 +48,16 @@ from orchestrator.partition.threshold import (
     histogram_partial,
 )
 from orchestrator.scoring.blocks import score_files
+from orchestrator.scoring.data_context import (
+    light_task_cpus,
+    read_tokens,
+    stage_context,
+    write_concurrency,
+)
 
 OUTPUT_FILE = "partitioned.parquet"
 _STATS_COLUMNS = ["_score", "_class", "_noise", "_kind"]
+_STATS_DIR = "_classify_stats"
 
 
 # ------------------------------------------------------------- noise detection per kind
@@ -147,6 +157,32 @@ def _classify_batch(table: pa.Table, index: list[dict], mode: str, rho: float,
     return out
 
 
+def _classify_and_spill(table: pa.Table, stats_dir: str, **kwargs) -> pa.Table:
+    """`_classify_batch`, its statistics written to `stats_dir` (one small file per batch)
+    instead of riding along: the token rows go to the writer, the statistics to the driver."""
+    out = _classify_batch(table, **kwargs)
+    keep = [c for c in out.column_names if c not in (*_STATS_COLUMNS, "_n_pos", "_n_resp")]
+    one_row = {}
+    for c in _STATS_COLUMNS:  # each statistic as one list value: a one-row table
+        values = out[c].combine_chunks().flatten()
+        one_row[c] = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+    for c in ("_n_pos", "_n_resp"):
+        one_row[c] = pa.array([int(pa.compute.sum(out[c]).as_py() or 0)], pa.int64())
+    one_row["n_samples"] = pa.array([out.num_rows], pa.int64())
+    # Named by the batch's first sample_id: the driver reads them back in corpus order.
+    first = int(pa.compute.min(out["sample_id"]).as_py()) if out.num_rows else -1
+    atomic_write_parquet(pa.table(one_row),
+                         Path(stats_dir) / f"{first + 1:020d}-{uuid.uuid4().hex[:8]}.parquet")
+    return out.select(keep)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
 # ------------------------------------------------------------------------------ paths
 
 
@@ -172,63 +208,69 @@ def _in_memory(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_p
 
 def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out_path: Path,
                  rows_per_block: int, stride: int, kind_names: list[str]):
-    import ray
 
     index = build_score_index(scores_path)
     names = pq.read_schema(tokens_path).names
     has_noise = "noise_mask" in names
 
-    def tokens_ds(columns: list[str] | None = None):
-        ds = ray.data.read_parquet(str(tokens_path), columns=columns)
+    embedded = os.environ.get("LETHE_EMBEDDED_RAY") == "1"
+    light = light_task_cpus(embedded)
+
+    def tokens_ds(columns: list[str] | None = None, ordered: bool = False):
+        # A DataContext copy of this pass's own (scoring/data_context.py), never the
+        # process-wide one: with `ordered`, the written parts follow the input's order
+        # (a deterministic training row order).
+        ctx = stage_context(embedded=embedded)
+        ctx.execution_options.preserve_order = ordered
+        ds = read_tokens(tokens_path, ctx, embedded=embedded, columns=columns)
         return ds.repartition(target_num_rows_per_block=rows_per_block)
 
     info: dict = {"path": "distributed"}
     cut = None
     if cfg.mode == "global":
-        light = ["sample_id", "response_mask"]
-        partials = tokens_ds(light).map_batches(
-            _histogram_batch, batch_format="pyarrow", fn_kwargs={"index": index}).take_all()
+        columns = ["sample_id", "response_mask"]
+        partials = tokens_ds(columns).map_batches(
+            _histogram_batch, batch_format="pyarrow", fn_kwargs={"index": index},
+            **light).take_all()
         bracket = bracket_from_histogram(partials, cfg.rho)
         members = []
         if bracket.bin >= 0:
-            members = tokens_ds(light).map_batches(
+            members = tokens_ds(columns).map_batches(
                 _bracket_batch, batch_format="pyarrow",
-                fn_kwargs={"index": index, "bin_index": bracket.bin}).take_all()
+                fn_kwargs={"index": index, "bin_index": bracket.bin}, **light).take_all()
             members = [{k: np.asarray(v) for k, v in m.items()} for m in members]
         rule = cut_from_bracket(bracket, members)
         cut = {"threshold": rule.threshold, "k_ties": rule.k_ties, "tie_cutoff": rule.tie_cutoff}
         info.update(global_threshold=rule.threshold, k_ties=rule.k_ties,
                     bracket_size=int(sum(len(m["score"]) for m in members)))
 
-    ctx = ray.data.DataContext.get_current()
-    old_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # deterministic row order in the output file
+    # The classify pass writes its Parquet from the workers (no token row passes through
+    # the driver) into a temp folder that becomes OUTPUT_FILE (a folder of part files) when
+    # complete. Its flat statistics go beside it as one small file per batch.
     tmp = temp_path(out_path)
-    flat: dict[str, list[np.ndarray]] = {c: [] for c in _STATS_COLUMNS}
-    n_samples = n_pos = n_resp = 0
-    writer = None
+    stats_dir = out_path.parent / _STATS_DIR
+    for stale in (tmp, stats_dir, out_path):
+        _remove(stale)
+    stats_dir.mkdir(parents=True)
     try:
-        mapped = tokens_ds().map_batches(
-            _classify_batch, batch_format="pyarrow",
-            fn_kwargs={"index": index, "mode": cfg.mode, "rho": cfg.rho, "cut": cut, "stride": stride,
-                       "kind_names": kind_names})
-        for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
-            for c in _STATS_COLUMNS:
-                flat[c].append(batch[c].combine_chunks().flatten().to_numpy(zero_copy_only=False))
-            n_pos += int(batch["_n_pos"].to_numpy().sum())
-            n_resp += int(batch["_n_resp"].to_numpy().sum())
-            n_samples += batch.num_rows
-            batch = batch.drop_columns([*_STATS_COLUMNS, "_n_pos", "_n_resp"])
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, batch.schema)
-            writer.write_table(batch.cast(writer.schema))
+        mapped = tokens_ds(ordered=True).map_batches(
+            _classify_and_spill, batch_format="pyarrow",
+            fn_kwargs={"index": index, "mode": cfg.mode, "rho": cfg.rho, "cut": cut,
+                       "stride": stride, "kind_names": kind_names, "stats_dir": str(stats_dir)},
+            **light)
+        mapped.write_parquet(str(tmp), ray_remote_args=light,
+                             concurrency=write_concurrency(embedded))
+        stats = [pq.read_table(p) for p in sorted(stats_dir.glob("*.parquet"))]
+        if not stats or not any(t["n_samples"][0].as_py() for t in stats):
+            raise ValueError(f"{tokens_path}: no token rows to partition")
+        os.replace(tmp, out_path)
     finally:
-        ctx.execution_options.preserve_order = old_order
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise ValueError(f"{tokens_path}: no token rows to partition")
-    commit_temp(tmp, out_path)
+        _remove(tmp)
+        _remove(stats_dir)
+    flat = {c: [t[c].combine_chunks().flatten().to_numpy(zero_copy_only=False) for t in stats]
+            for c in _STATS_COLUMNS}
+    n_samples, n_pos, n_resp = (sum(int(t[c][0].as_py()) for t in stats)
+                                for c in ("n_samples", "_n_pos", "_n_resp"))
     scores, classes, noise, kinds = (np.concatenate(flat[c]) for c in _STATS_COLUMNS)
     info.update(n_samples=n_samples, exact_n_tokens=n_resp, exact_n_positive=n_pos)
     return scores, classes, (noise if has_noise else None), kinds, info

@@ -23,8 +23,9 @@ from orchestrator.logs import stage_key_line
 _BASE_BUILD_LOCK = threading.Lock()
 
 # Config fields that only change scheduling or resources, never the numbers produced.
-_SCORING_RESOURCE_FIELDS = {"num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "batch_size",
-                            "token_budget", "packing", "scheduling_strategy"}
+_SCORING_RESOURCE_FIELDS = {"num_actors", "min_actors", "num_gpus_per_actor",
+                            "num_cpus_per_actor", "batch_size", "token_budget", "packing",
+                            "scheduling_strategy"}
 _TRAIN_RESOURCE_FIELDS = {"methods", "use_gpu", "cpus_per_worker", "gpus_per_worker",
                           "checkpoint_every", "checkpoint_every_minutes", "max_failures",
                           "gradient_checkpointing", "placement_strategy"}

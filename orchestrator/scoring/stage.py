@@ -1,49 +1,47 @@
-"""The scoring stage: a pool of Ray actors, each holding a TokenScorer, scoring whole blocks.
+"""The scoring stage: a Ray Data pipeline around the plain TokenScorer.
 
-The corpus is split into fixed blocks of `block_rows` rows by sorted sample_id (`blocks.py`).
-A block is given whole to one actor, which reads its rows from the tokens input, scores them
-and writes `part-<block>.parquet` itself (unique temp name, fsync, rename), then returns a
-small summary (counts, seconds). No scored row passes through the driver, so the driver's
-memory does not grow with the corpus; it holds the sample_id column and the block plan.
+    read_parquet(tokens) -> [drop rows already scored] -> map_batches(ScoreBatches, an actor
+    pool of min..max actors, each holding both models) -> write_parquet(out_dir)
 
-Resumable by construction: a killed run loses at most the blocks in flight; a rerun scores
-only the blocks whose file is missing, and a finished stage (`_SUCCESS.json`) is skipped.
+Ray Data schedules it: the actor pool grows from `scoring.min_actors` to `scoring.num_actors`
+while there is work and room (on a cluster, pending actors are demand the autoscaler sees),
+restarts an actor whose process dies and retries its tasks there (Ray Data's defaults),
+bounds the memory in flight, and shows the stage in the dashboard's Data view. Batches of
+`scoring.batch_size` rows reach the scorer, which buckets them by length (scorer.py).
 
-Why actors and not a Ray Data pipeline: the actors are started first, so their process
-start-up and model loads overlap the driver's planning (and the staging pass, when one is
-needed); there is no streaming executor, read task or repartition between the input and the
-models, which on the small default was most of the stage's wall time. Ray still places the
-actors (CPUs/GPUs per actor) and restarts nothing silently: an actor failure stops the stage
-with the block named, and the rerun resumes.
+No scored row passes through the driver: the write runs on the workers, one
+`part-<write uuid>_<task>-<i>.parquet` per write task. The driver reads the sample_id
+column of the tokens (and of finished part files, to resume) and small per-actor counters.
+
+Resumable: a killed run keeps every part file it finished; a rerun scores only the rows in
+none of them (`blocks.ScoredParts`), and a finished stage (`_SUCCESS.json`) is skipped.
+A rerun's rows meet in other batches than before, so its scores may differ from an
+uninterrupted run's in the last bits (|diff| < 1e-6 on the tests' models), never more.
 
 Output: `out_dir/part-*.parquet` with `sample_id` (int64), `base_loss`, `ref_loss`
-(list<float32>, aligned with input_ids, NaN off response tokens), rows sorted by sample_id.
+(list<float32>, aligned with input_ids, NaN off response tokens); rows in no set order.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
-from collections import deque
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from orchestrator.cache import SUCCESS, atomic_path, atomic_write_json, clean_stale_temps
+from orchestrator.cache import SUCCESS, atomic_write_json
 from orchestrator.config import ScoringConfig
 from orchestrator.scoring.blocks import (
-    DIRECT_READ_MAX_EXTRA_BYTES,
-    STAGING_DIR,
-    BlockPlan,
-    BlockRead,
-    CorpusLayout,
-    part_path,
-    read_block,
+    PART_PREFIX,
+    ScoredParts,
+    corpus_sample_ids,
     score_files,
-    stage_pieces,
 )
 
 SCORE_SCHEMA = pa.schema(
@@ -53,9 +51,10 @@ SCORE_SCHEMA = pa.schema(
         ("ref_loss", pa.list_(pa.float32())),
     ]
 )
-# Blocks queued per actor: the next block waits inside the actor, so it starts the moment
-# the previous one ends, without a round trip to the driver.
-IN_FLIGHT_PER_ACTOR = 2
+# Per-actor counters (tokens, seconds), one small JSON per actor incarnation; "_" keeps
+# them out of the Parquet readers' way.
+STATS_DIR = "_actor_stats"
+STATS_FILE = "_ray_data_stats.txt"  # Ray Data's own stats of the stage (`Dataset.stats()`)
 
 
 def _table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
@@ -77,65 +76,59 @@ def _list_column(rows: list[np.ndarray]) -> pa.Array:
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(rows).astype(np.float32) if len(rows) else np.zeros(0, np.float32)
+    flat = np.concatenate(list(rows)).astype(np.float32) if len(rows) else np.zeros(0, np.float32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file so that readers see all of it or nothing, even after a crash
-    (`cache.atomic_path`: a unique temp name starting with "_", which dataset readers skip,
-    fsynced, renamed, the folder fsynced; a failed write leaves no temp file)."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+class ScoreBatches:
+    """The Ray Data UDF: one TokenScorer per pool actor, Arrow batches in and out.
 
-
-class BlockScorer:
-    """One actor: loads both models once, then scores and writes whole blocks.
-
-    Plain class (Ray wraps it with `ray.remote`): a block is read, scored in sample_id order
-    in calls of `batch_size` rows, and written as one part file.
+    Its counters (tokens, padding, seconds) go to `stats_dir/<actor>.json` after each batch,
+    so the driver can report them without receiving any scored row.
     """
 
-    def __init__(self, out_dir: str, batch_size: int, **scorer_kwargs: Any) -> None:
+    def __init__(self, scorer_kwargs: dict[str, Any], stats_dir: str) -> None:
         from orchestrator.scoring.scorer import TokenScorer
 
-        t0 = time.perf_counter()
-        base_path = scorer_kwargs.pop("base_path")
-        ref_path = scorer_kwargs.pop("ref_path")
-        self.scorer = TokenScorer(base_path, ref_path, **scorer_kwargs)
-        self.out_dir, self.batch_size = Path(out_dir), int(batch_size)
-        self.load_seconds = time.perf_counter() - t0
+        self.started_at = time.time()
+        kwargs = dict(scorer_kwargs)
+        self.scorer = TokenScorer(kwargs.pop("base_path"), kwargs.pop("ref_path"), **kwargs)
+        self.ready_at = time.time()
+        self.stats_path = Path(stats_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        self.score_s = 0.0
+        self.first_batch_at: float | None = None
 
-    def ready(self) -> float:
-        return self.load_seconds
+    def __call__(self, table: pa.Table) -> pa.Table:
+        t0 = time.time()
+        self.first_batch_at = self.first_batch_at or t0
+        out = self.scorer(_table_to_batch(table))
+        scores = pa.table([pa.array(out["sample_id"], pa.int64()), _list_column(out["base_loss"]),
+                           _list_column(out["ref_loss"])], schema=SCORE_SCHEMA)
+        self.score_s += time.time() - t0
+        self._write_stats()
+        return scores
 
-    def score_block(self, spec: BlockRead) -> dict:
-        t0 = time.perf_counter()
-        table = read_block(spec)
-        t1 = time.perf_counter()
-        sids, base, ref = [], [], []
-        real = computed = scored = 0
-        for start in range(0, table.num_rows, self.batch_size):
-            out = self.scorer(_table_to_batch(table.slice(start, self.batch_size)))
-            sids.append(out["sample_id"])
-            base.extend(out["base_loss"])
-            ref.extend(out["ref_loss"])
-            real += sum(len(r) for r in out["base_loss"])
-            computed += int(out["padded_length"].sum())
-            scored += sum(int(np.count_nonzero(~np.isnan(r))) for r in out["base_loss"])
-        t2 = time.perf_counter()
-        scores = pa.table([pa.array(np.concatenate(sids), pa.int64()), _list_column(base),
-                           _list_column(ref)], schema=SCORE_SCHEMA)
-        write_atomic(scores, part_path(self.out_dir, spec.block))
-        return {"block": spec.block, "rows": table.num_rows, "real_tokens": real,
-                "computed_tokens": computed, "scored_tokens": scored, "read_s": t1 - t0,
-                "score_s": t2 - t1, "write_s": time.perf_counter() - t2}
+    def _write_stats(self) -> None:
+        c = self.scorer.counters
+        body = {"started_at": self.started_at, "ready_at": self.ready_at,
+                "first_batch_at": self.first_batch_at, "last_batch_at": time.time(),
+                "score_s": self.score_s, "rows": c.rows, "real_tokens": c.real_tokens,
+                "computed_tokens": c.computed_tokens, "scored_tokens": c.scored_tokens}
+        atomic_write_json(self.stats_path, body)
+
+
+def _drop_scored(table: pa.Table, scored: np.ndarray) -> pa.Table:
+    """The rows whose sample_id is not in `scored` (sorted): what a rerun still scores."""
+    sids = table["sample_id"].to_numpy()
+    at = np.searchsorted(scored, sids)
+    done = (at < len(scored)) & (scored[np.minimum(at, len(scored) - 1)] == sids)
+    return table.filter(pa.array(~done))
 
 
 def scheduling_strategy(cfg: ScoringConfig) -> str:
     """Where Ray puts the scoring actors: SPREAD by default (one per node while nodes last:
     each node's memory bandwidth and GPUs serve one actor, and a lost node loses only its
-    blocks); `scoring.scheduling_strategy: DEFAULT` packs them where Ray prefers."""
+    actor); `scoring.scheduling_strategy: DEFAULT` packs them where Ray prefers."""
     value = getattr(cfg, "scheduling_strategy", None) or "SPREAD"
     if value not in ("SPREAD", "DEFAULT"):
         raise ValueError(f"scoring.scheduling_strategy must be SPREAD or DEFAULT, got {value!r}")
@@ -154,46 +147,71 @@ def _scorer_kwargs(base_path: str, ref_path: str, cfg: ScoringConfig, trust_remo
             "attn_implementation": attn_implementation, "base_revision": base_revision}
 
 
-def _staged_reads(ray, layout: CorpusLayout, plan: BlockPlan, todo: list[int],
-                  staging: Path) -> list[BlockRead]:
-    """One pass over the input (a Ray task per row group) into per-block piece files."""
-    shutil.rmtree(staging, ignore_errors=True)
-    # num_cpus=0: the actors may hold every CPU slot already; a staging task must never
-    # wait for them (it is one streaming pass per row group, mostly I/O).
-    task = ray.remote(num_cpus=0)(stage_pieces)
-    wanted = np.array(todo, dtype=np.int64)
-    refs = [task.remote(path, g, plan.starts, wanted, str(staging), f"{i:05d}")
-            for i, (path, g) in enumerate(layout.group_sources())]
-    pieces: dict[int, list[str]] = {}
-    for part in ray.get(refs):
-        for b, paths in part.items():
-            pieces.setdefault(b, []).extend(paths)
-    return [plan.read(b, tuple((p, None) for p in sorted(pieces.get(b, [])))) for b in todo]
+class _PartNames:
+    """`part-<write uuid>_<task index>`: unique per write, stable across a task's retries
+    (a retried write task rewrites its own file, so no row lands in two files)."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{PART_PREFIX}{write_uuid}_{task_index:06d}.parquet"
 
 
-def _run_pool(ray, actors: list, reads: list[BlockRead]) -> list[dict]:
-    """Keep IN_FLIGHT_PER_ACTOR blocks queued on every actor until all are done."""
-    queue, pending, done = deque(reads), {}, []
+def _part_names():
+    from ray.data.datasource import FilenameProvider
 
-    def submit(actor) -> None:
-        spec = queue.popleft()
-        pending[actor.score_block.remote(spec)] = (actor, spec.block)
+    return type("PartNames", (_PartNames, FilenameProvider), {})()
 
-    for actor in actors:
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            if queue:
-                submit(actor)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        actor, block = pending.pop(ready[0])
-        try:
-            done.append(ray.get(ready[0]))
-        except Exception as exc:
-            raise RuntimeError(f"scoring block {block} failed (rerun to resume from the blocks "
-                               f"already written): {exc}") from exc
-        if queue:
-            submit(actor)
-    return done
+
+def build_pipeline(tokens_path: Path, rows: int, cfg: ScoringConfig, scorer_kwargs: dict,
+                   scored: np.ndarray, stats_dir: Path, embedded: bool):
+    """The Ray Data dataset that scores the rows of `tokens_path` not in `scored` (lazy)."""
+    import ray
+
+    from orchestrator.scoring.data_context import (
+        blocks_for,
+        light_task_cpus,
+        read_tokens,
+        stage_context,
+    )
+
+    ctx = stage_context(embedded=embedded, scheduling_strategy=scheduling_strategy(cfg))
+    ds = read_tokens(tokens_path, ctx, embedded=embedded,
+                     num_blocks=blocks_for(rows, cfg.batch_size))
+    if scored.size:
+        ds = ds.map_batches(_drop_scored, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"scored": scored}, **light_task_cpus(embedded))
+    max_actors = cfg.num_actors
+    min_actors = min(cfg.min_actors, max_actors)
+    return ds.map_batches(
+        ScoreBatches,
+        fn_constructor_kwargs={"scorer_kwargs": scorer_kwargs, "stats_dir": str(stats_dir)},
+        # Every actor up to the cap is asked for at start (their model loads overlap; a
+        # cluster's autoscaler sees the ones that do not fit yet); the pool shrinks back
+        # to min_actors when they idle.
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
+                                           initial_size=max_actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor or None,
+        # Faults: Ray Data's actor pool defaults (max_restarts=-1, max_task_retries=-1):
+        # an actor whose process dies is restarted (its models loaded again) and the
+        # batches it held are retried there. An exception in the scorer is not retried: it
+        # fails the stage, naming it.
+    )
+
+
+def _actor_summary(stats_dir: Path, start: float) -> tuple[dict[str, int], dict[str, float]]:
+    stats = [json.loads(p.read_text()) for p in sorted(stats_dir.glob("*.json"))]
+    counts = {k: sum(int(s[k]) for s in stats)
+              for k in ("rows", "real_tokens", "computed_tokens", "scored_tokens")}
+    timings: dict[str, float] = {"actors": float(len(stats))}
+    if stats:
+        timings["actors_ready_s"] = min(s["ready_at"] for s in stats) - start
+        timings["model_load_s"] = max(s["ready_at"] - s["started_at"] for s in stats)
+        first = min(s["first_batch_at"] for s in stats if s["first_batch_at"])
+        timings["score_wall_s"] = max(s["last_batch_at"] for s in stats) - first
+        timings["actor_score_s"] = sum(s["score_s"] for s in stats)
+    return counts, timings
 
 
 def run_scoring(
@@ -203,87 +221,79 @@ def run_scoring(
     cfg: ScoringConfig,
     out_dir: Path,
     *,
-    block_rows: int = 2048,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     base_revision: str | None = None,
+    embedded: bool | None = None,
 ) -> Path:
     """Score every sample of tokens.parquet with both models; returns `out_dir`.
 
-    `block_rows` fixes the resume granularity (rows per part file). Needs a running Ray
-    (ray.init by the caller). Prints tokens scored, tokens/s, padding waste and where the
-    time went (actor start-up and model loads, staging, scoring).
+    Needs a running Ray (ray.init by the caller). `embedded` (default: the pipeline's
+    LETHE_EMBEDDED_RAY) applies the settings that only help a small local instance
+    (data_context.py). Prints tokens scored, tokens/s, padding waste and where the time
+    went; writes Ray Data's stats of the stage to `out_dir/_ray_data_stats.txt`.
     """
-    import ray
+    import ray  # noqa: F401  (fails here, not inside the pipeline, without Ray)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / SUCCESS).is_file():
         print(f"scoring: {out_dir} is complete ({SUCCESS} present); skipping")
         return out_dir
-    start = time.perf_counter()
-    clean_stale_temps(out_dir)  # left by a killed writer (the caller holds the stage lock)
-    layout = CorpusLayout.read(tokens_path)
-    plan = BlockPlan.create(layout.sample_ids, block_rows)
-    plan.reconcile(out_dir)
-    todo = [b for b in range(plan.num_blocks) if not part_path(out_dir, b).is_file()]
-    skipped = plan.num_blocks - len(todo)
-    timings: dict[str, float] = {}
-    done: list[dict] = []
-    staging, staged = out_dir / STAGING_DIR, False
+    if embedded is None:
+        embedded = os.environ.get("LETHE_EMBEDDED_RAY") == "1"
+    start = time.time()
+    corpus = corpus_sample_ids(tokens_path)
+    done = ScoredParts.reconcile(out_dir, corpus)
+    before = {p.name for p in done.files}
+    stats_dir = out_dir / STATS_DIR
+    shutil.rmtree(stats_dir, ignore_errors=True)  # a killed run's counters are not this run's
+    stats_dir.mkdir()
+    todo = len(corpus) - len(done.sample_ids)
+    ray_stats = ""
     if todo:
-        # Actors first: their start-up and model loads overlap everything below.
-        remote = ray.remote(BlockScorer).options(num_cpus=cfg.num_cpus_per_actor,
-                                                 num_gpus=cfg.num_gpus_per_actor or None,
-                                                 scheduling_strategy=scheduling_strategy(cfg))
+        from orchestrator.scoring.data_context import light_task_cpus, write_concurrency
+
         kwargs = _scorer_kwargs(base_path, ref_path, cfg, trust_remote_code, attn_implementation,
                                 base_revision)
-        actors = [remote.remote(str(out_dir), cfg.batch_size, **kwargs)
-                  for _ in range(min(cfg.num_actors, len(todo)))]
-        try:
-            t = time.perf_counter()
-            reads, decoded = layout.direct_reads(plan, todo)
-            total = int(layout.group_bytes.sum())
-            staged = decoded - total > DIRECT_READ_MAX_EXTRA_BYTES
-            if staged:
-                reads = _staged_reads(ray, layout, plan, todo, staging)
-            timings["plan_s"] = time.perf_counter() - t
-            load = ray.get([a.ready.remote() for a in actors])
-            timings["actors_ready_s"] = time.perf_counter() - start
-            timings["model_load_s"] = max(load)
-            t = time.perf_counter()
-            done = _run_pool(ray, actors, reads)
-            timings["score_wall_s"] = time.perf_counter() - t
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-            shutil.rmtree(staging, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    real = sum(d["real_tokens"] for d in done)
-    computed = sum(d["computed_tokens"] for d in done)
-    scored = sum(d["scored_tokens"] for d in done)
-    for key in ("read_s", "score_s", "write_s"):
-        timings[f"actor_{key}"] = sum(d[key] for d in done)
+        ds = build_pipeline(tokens_path, len(corpus), cfg, kwargs, done.sample_ids, stats_dir,
+                            embedded)
+        ds.write_parquet(str(out_dir), filename_provider=_part_names(),
+                         ray_remote_args=light_task_cpus(embedded),
+                         concurrency=write_concurrency(embedded))
+        ray_stats = ds.stats()
+    check = ScoredParts.reconcile(out_dir, corpus)
+    if len(check.sample_ids) != len(corpus):
+        missing = np.setdiff1d(corpus, check.sample_ids)
+        raise RuntimeError(f"scoring ended without scores for {missing.size} of {len(corpus)} "
+                           f"rows (first: sample_id {int(missing[0])}); rerun to score them")
+    seconds = time.time() - start
+    counts, timings = _actor_summary(stats_dir, start)
+    shutil.rmtree(stats_dir, ignore_errors=True)
+    real, computed = counts["real_tokens"], counts["computed_tokens"]
     summary = {
-        "blocks": plan.num_blocks,
-        "blocks_computed": len(done),
-        "blocks_skipped": skipped,
-        "rows": int(len(layout.sample_ids)),
+        "rows": int(len(corpus)),
+        "rows_scored_this_run": int(todo),
+        "rows_skipped": int(len(done.sample_ids)),
+        "files_written": len({p.name for p in check.files} - before),
         "tokens_this_run": real,
-        "scored_tokens_this_run": scored,
+        "scored_tokens_this_run": counts["scored_tokens"],
         "computed_tokens_this_run": computed,
         "seconds": seconds,
         "tokens_per_s": real / seconds if seconds > 0 else 0.0,
         "padding_waste": 1 - real / computed if computed else 0.0,
-        "staged": staged,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "files": [p.name for p in score_files(out_dir)],
     }
     print(
-        f"scoring: {real} tokens ({scored} response) through base + reference in {seconds:.1f} s "
-        f"= {summary['tokens_per_s']:.0f} tokens/s; padding waste "
-        f"{100 * summary['padding_waste']:.1f} %; blocks computed {len(done)}, skipped {skipped}; "
-        f"time: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+        f"scoring: {real} tokens ({counts['scored_tokens']} response) through base + reference "
+        f"in {seconds:.1f} s = {summary['tokens_per_s']:.0f} tokens/s; padding waste "
+        f"{100 * summary['padding_waste']:.1f} %; rows scored {todo}, already scored "
+        f"{len(done.sample_ids)}; time: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
     )
+    if ray_stats:  # a file, not the log: ~60 lines per stage
+        (out_dir / STATS_FILE).write_text(ray_stats)
+        print(f"scoring: Ray Data's stats of the stage (operators, actors, rows, times): "
+              f"{out_dir / STATS_FILE}")
     atomic_write_json(out_dir / SUCCESS, {"stage": "score", "finished_at": time.time(), **summary})
     return out_dir
