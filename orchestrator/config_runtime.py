@@ -77,6 +77,10 @@ class EvaluateConfig(Strict):
     """GPUs per evaluation task."""
     num_cpus: float = Field(default=1.0, gt=0.0)
     """CPUs per evaluation task."""
+    max_workers: int = Field(default=4, ge=1)
+    """Evaluation workers (Ray actors, num_cpus / num_gpus each) at once: models go to
+    whichever is free; workers without room yet wait in Ray's queue. Families evaluated
+    early share it (ray.max_parallel_models)."""
     dtype: DType = "auto"
     """Model dtype; auto = bfloat16 on a GPU that supports it, float32 on CPU."""
     evaluate_base: bool = True
@@ -121,8 +125,10 @@ class TuneConfig(Strict):
     """ASHA: reports before a trial may be stopped."""
     reduction_factor: float = Field(default=2.0, gt=1.0)
     """ASHA: the share of trials kept at each rung is 1 / reduction_factor."""
-    max_concurrent_trials: int | None = Field(default=None, ge=1)
-    """Trials at once; None = GPUs / GPUs per trial (1 without GPUs)."""
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    """Trials at once (the sweep's cap; a trial that does not fit yet waits in Ray's queue,
+    where a cluster's autoscaler sees it). Raise it on a cluster with room for several
+    trials' worker groups."""
     gpus_per_trial: float = Field(default=0.0, ge=0.0)
     """GPUs reserved by a trial's driver function."""
     cpus_per_trial: float = Field(default=0.01, gt=0.0)
@@ -155,6 +161,11 @@ class RayConfig(Strict):
     """Ray Train runs in flight per model family. Each run trains its share of the family's
     methods x seeds one after the other in one worker group (one start-up per run): 1 on a
     small machine; on a cluster, as many as there are worker groups' worth of GPUs."""
+    max_training_runs: int | None = Field(default=None, ge=1)
+    """Ray Train runs in flight at once over all families (each holds its workers'
+    resources while it lives; more wait for a slot, and a run that does not fit the cluster
+    yet waits in Ray's queue). None = max_parallel_models x max_parallel_trainings (the
+    resolved number is what `lethe validate` prints)."""
     prestart_training: bool = False
     """Start a family's training run (its CPU training session, pipeline/sessions.py) while
     the base model is still being built, so Ray Train's start-up overlaps the build. Off by
@@ -165,3 +176,9 @@ class RayConfig(Strict):
     """Start Ray's dashboard with a local instance (on 127.0.0.1:8265). Off by default: it
     costs about 3 s at start and a share of a core while it runs, which a 2-core laptop
     feels; on to watch a long local run. A cluster (`address`) has its own."""
+
+    @model_validator(mode="after")
+    def _training_runs(self) -> RayConfig:
+        if self.max_training_runs is None:  # resolved here, so `lethe validate` shows it
+            self.__dict__["max_training_runs"] = self.max_parallel_models * self.max_parallel_trainings
+        return self

@@ -1,5 +1,5 @@
 """A family is evaluated as soon as its chain is done (pipeline/evaluate_stage.py): the
-families share the room for evaluation tasks, and an early failure is left to the final
+families share the evaluation workers (the config's cap), and an early failure is left to the final
 pass, which owns the error."""
 
 from __future__ import annotations
@@ -22,29 +22,23 @@ def _outcome(cfg) -> ModelOutcome:
     return out
 
 
-def test_families_share_the_evaluation_room(demo_cfg, monkeypatch):
-    import ray
-
+def test_families_share_the_evaluation_workers(demo_cfg, monkeypatch):
     seen = {}
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})
     monkeypatch.setattr(evaluate_stage, "evaluate_labelled",
-                        lambda cfg, wanted, synthetic, revisions, max_tasks:
-                        seen.update(wanted=wanted, max_tasks=max_tasks))
+                        lambda cfg, wanted, synthetic, revisions, max_workers:
+                        seen.update(wanted=wanted, max_workers=max_workers))
     evaluate_stage.evaluate_family_early(demo_cfg, _outcome(demo_cfg), None)
     name = demo_cfg.models[0].name
     assert seen["wanted"] == {f"{name}/base/-": "/m/base", f"{name}/forget/s0": "/m/forget",
                               f"{name}/sft/s0": "/m/sft"}
-    # 4 CPU slots for evaluation (one kept for the driver), 3 families: one task each.
-    assert seen["max_tasks"] == 1
+    # The config's cap (evaluate.max_workers, default 4) shared by 3 families: one each.
+    assert demo_cfg.evaluate.max_workers == 4 and seen["max_workers"] == 1
 
 
 def test_an_early_failure_is_reported_and_left_to_the_final_pass(demo_cfg, monkeypatch, capsys):
-    import ray
-
     def fail(*args, **kwargs):
         raise RuntimeError("lm-eval exploded\nsecond line")
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})
     monkeypatch.setattr(evaluate_stage, "evaluate_labelled", fail)
     evaluate_stage.evaluate_family_early(demo_cfg, _outcome(demo_cfg), None)  # does not raise
     out = capsys.readouterr().out

@@ -19,6 +19,26 @@ def test_modules_ray_imports_in_side_processes_do_not_pull_in_torch(module):
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_the_private_ray_method_ray_entry_overrides_is_still_there():
+    """training/ray_entry.py overrides TorchTrainer._create_default_callbacks (private, Ray
+    2.60) to drop two callbacks by class name. A Ray upgrade that renames the method, gives
+    it parameters, or renames / drops those callbacks must fail here, loudly, rather than
+    quietly give every run the stock trainer (or drop nothing)."""
+    import inspect
+
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    where = "orchestrator/training/ray_entry.py overrides it: check that override"
+    method = getattr(TorchTrainer, "_create_default_callbacks", None)
+    assert method is not None, f"Ray {ray.__version__}: TorchTrainer._create_default_callbacks is gone; {where}"
+    assert list(inspect.signature(method).parameters) == ["self"], \
+        f"Ray {ray.__version__}: _create_default_callbacks{inspect.signature(method)}; {where}"
+    source = inspect.getsource(method)
+    for name in ("DatasetsCallback", "PlacementGroupCleanerCallback", "BackendSetupCallback"):
+        assert f"{name}(" in source, f"Ray {ray.__version__} no longer creates {name} there; {where}"
+
+
 def test_lean_trainer_drops_the_dataset_callback_only_without_datasets(ray_local, tmp_path,
                                                                        monkeypatch):
     import ray.data

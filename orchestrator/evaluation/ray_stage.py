@@ -1,10 +1,16 @@
-"""Ray wrapper around the plain evaluator: the models are split over a few Ray tasks, each
-evaluating its share one after the other.
+"""Ray wrapper around the plain evaluator: a pool of evaluation actors, models handed out as
+actors free up.
 
-One task per model paid a worker start-up, lm-eval's task set-up and a model load per model;
-with methods x seeds x families that start-up was most of the evaluation on a small machine.
-A task evaluates several models in one process (imports and lm-eval's task manager are
-reused), and as many tasks run at once as the cluster has room for.
+Each actor is one evaluation worker (`evaluate.num_cpus` / `evaluate.num_gpus` each): its
+imports and lm-eval's task set-up are paid once and reused for every model it evaluates.
+The pool has at most `evaluate.max_workers` actors (the config's cap, never a snapshot of
+the cluster): the ones with no room yet wait in Ray's queue (on a cluster, demand the
+autoscaler sees) and take models when they start. A model goes to whichever actor is free.
+
+A worker process that dies (killed, out of memory, a lost node) is restarted by Ray and
+the model it held is evaluated once more there (`max_restarts=-1`, `max_task_retries=1`);
+a second death on the same model reports that model failed, and the restarted worker
+takes the next one.
 
 Ray is imported only inside `evaluate_many`, so `orchestrator.evaluation.runner` stays
 usable on a machine (or in a debugger) without Ray.
@@ -13,83 +19,132 @@ usable on a machine (or in a debugger) without Ray.
 from __future__ import annotations
 
 import traceback
+from collections import deque
+from typing import Any
 
 from orchestrator.config import EvaluateConfig
 from orchestrator.errors import LetheError
 from orchestrator.evaluation.runner import evaluate_model
 
+# Ray's retries of a model whose worker process died: one more try, then it is failed.
+MODEL_RETRIES = 1
 
-def _evaluate_batch_body(model_dirs: dict[str, str], cfg_dict: dict,
-                         include_path: str | None,
-                         revisions: dict[str, str] | None = None) -> dict[str, dict]:
-    """{name: model_dir} -> {name: {"metrics": ...} or {"error": "..."}}: one failing model
-    does not lose the others' results."""
-    # The config travels as a plain dict: pydantic models pickle fine, but a dict keeps the
-    # task payload independent of the driver's class objects.
-    cfg = EvaluateConfig.model_validate(cfg_dict)
-    device = "cuda" if cfg.num_gpus > 0 else "cpu"
-    out: dict[str, dict] = {}
-    for name, path in model_dirs.items():
+
+class EvaluationWorker:
+    """One pool actor (plain class: Ray wraps it). Evaluates one model per call; a model's
+    own error (a missing folder, a failing task) is returned, not raised, so it never
+    costs the actor."""
+
+    def __init__(self, cfg_dict: dict, include_path: str | None) -> None:
+        # The config travels as a plain dict: the task payload stays independent of the
+        # driver's class objects.
+        self.cfg = EvaluateConfig.model_validate(cfg_dict)
+        self.include_path = include_path
+        self.device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
+
+    def ready(self) -> bool:
+        return True
+
+    def evaluate(self, name: str, path: str, revision: str | None) -> dict[str, Any]:
         timing: dict[str, float] = {}
         try:
-            out[name] = {"metrics": evaluate_model(path, cfg, include_path, device=device,
-                                                   timing=timing,
-                                                   revision=(revisions or {}).get(name)),
-                         "timing": timing}
+            metrics = evaluate_model(path, self.cfg, self.include_path, device=self.device,
+                                     timing=timing, revision=revision)
+            return {"name": name, "metrics": metrics, "timing": timing}
         except Exception as exc:  # noqa: BLE001 - reported per model by the caller
-            out[name] = {"error": f"{type(exc).__name__}: {exc}",
-                         "traceback": traceback.format_exc(limit=5)}
-    return out
+            return {"name": name, "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(limit=5)}
 
 
-def parallel_tasks(cfg: EvaluateConfig, n_models: int, resources: dict[str, float]) -> int:
-    """How many evaluation tasks fit the cluster at once (at least 1, at most one per model)."""
-    if cfg.num_gpus > 0:
-        room = int(resources.get("GPU", 0.0) // cfg.num_gpus)
-    else:
-        # Leave one CPU slot for the driver's own Ray work; CPU slots may be logical.
-        room = int(max(1.0, resources.get("CPU", 1.0) - 1.0) // cfg.num_cpus)
-    return max(1, min(n_models, room))
-
-
-def split_round_robin(names: list[str], k: int) -> list[list[str]]:
-    return [chunk for chunk in (names[i::k] for i in range(k)) if chunk]
+def pool_size(cfg: EvaluateConfig, n_models: int, max_workers: int | None = None) -> int:
+    """Actors in the pool: the config's cap (or a caller's smaller share), at most one per
+    model, at least one."""
+    cap = cfg.max_workers if max_workers is None else min(cfg.max_workers, max_workers)
+    return max(1, min(cap, n_models))
 
 
 def evaluate_many(model_dirs: dict[str, str], cfg: EvaluateConfig,
                   include_path: str | None,
                   timings: dict[str, dict[str, float]] | None = None,
                   revisions: dict[str, str] | None = None,
-                  max_tasks: int | None = None) -> dict[str, dict]:
-    """{name: model_dir} -> {name: {task: {metric: value}}}, models spread over Ray tasks.
+                  max_workers: int | None = None,
+                  worker_cls: type = EvaluationWorker) -> dict[str, dict]:
+    """{name: model_dir} -> {name: {task: {metric: value}}}, over a pool of actors.
 
     Uses the running Ray instance (or starts a local one, as `ray.remote` does).
     A failing model raises here with its name, after the others finished. `timings`, when
     given, receives each evaluated model's wall-clock stamps (start, loaded, evaluated);
-    `revisions` pins hub ids among the models to commits; `max_tasks` caps the tasks (a
-    caller sharing the cluster's room with other evaluations).
+    `revisions` pins hub ids among the models to commits; `max_workers` lowers the pool's
+    cap (a caller sharing the cluster with other evaluations). `worker_cls` is the actor's
+    class (tests pass a subclass).
     """
     import ray
 
-    remote_fn = ray.remote(_evaluate_batch_body).options(
-        num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus, name="lethe-evaluate"
-    )
+    # A dead worker process is always restarted (its constructor only reads the config);
+    # the model it held is retried once there (Ray's max_task_retries), then failed.
+    remote = ray.remote(worker_cls).options(
+        num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
+        max_restarts=-1, max_task_retries=MODEL_RETRIES)
     cfg_dict = cfg.model_dump(mode="json")
-    k = parallel_tasks(cfg, len(model_dirs), ray.cluster_resources())
-    k = min(k, max_tasks) if max_tasks else k
-    refs = [remote_fn.remote({n: model_dirs[n] for n in chunk}, cfg_dict, include_path,
-                             {n: revisions[n] for n in chunk if n in (revisions or {})})
-            for chunk in split_round_robin(sorted(model_dirs), k)]
+    revisions = revisions or {}
+    queue = deque(sorted(model_dirs))
+    starting: dict[Any, Any] = {}  # ready() ref -> actor
+    running: dict[Any, tuple[Any, str]] = {}  # evaluate() ref -> (actor, model)
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
-    for ref in refs:
-        for name, outcome in ray.get(ref).items():
+
+    def start_actor() -> None:
+        actor = remote.remote(cfg_dict, include_path)
+        starting[actor.ready.remote()] = actor
+
+    def hand_out(actor: Any) -> None:
+        if queue:
+            name = queue.popleft()
+            running[actor.evaluate.remote(name, model_dirs[name], revisions.get(name))] = (actor, name)
+        else:
+            ray.kill(actor)  # idle with nothing left: its CPUs / GPU go back now
+
+    size = pool_size(cfg, len(model_dirs), max_workers)
+    for _ in range(size):
+        start_actor()
+    start_failures: list[str] = []
+    try:
+        while running or (queue and starting):
+            ref = ray.wait([*starting, *running], num_returns=1)[0][0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    # Could not start even after Ray's restart: try another, a few times.
+                    start_failures.append(str(exc).splitlines()[0][:200])
+                    if len(start_failures) <= size:
+                        start_actor()
+                    continue
+                hand_out(actor)
+                continue
+            actor, name = running.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                # Died on this model twice (Ray restarted the worker and retried the model
+                # once): the model fails; the restarted worker takes the next one.
+                errors[name] = (f"its evaluation worker died {MODEL_RETRIES + 1} times "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                hand_out(actor)
+                continue
             if "metrics" in outcome:
                 results[name] = outcome["metrics"]
                 if timings is not None:
                     timings[name] = outcome.get("timing", {})
             else:
                 errors[name] = outcome["error"]
+            hand_out(actor)
+    finally:
+        for actor in [*starting.values(), *(a for a, _ in running.values())]:
+            ray.kill(actor)
+    for name in queue:  # never reached an actor (none could start)
+        errors[name] = f"no evaluation worker could start ({'; '.join(start_failures[-1:])})"
     if errors:
         raise EvaluationFailed(errors, results)
     return results

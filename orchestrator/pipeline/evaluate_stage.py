@@ -1,7 +1,7 @@
 """Evaluation of every exported model (and the base models) with lm-eval, cached per model.
 
 Models whose results are cached are not evaluated again; the rest go to
-`orchestrator.evaluation.evaluate_many`, spread over a few parallel Ray tasks. When some
+`orchestrator.evaluation.evaluate_many`, over a pool of evaluation actors. When some
 models fail, the ones that finished are stored (cached) before the failure is raised.
 """
 
@@ -18,8 +18,8 @@ from orchestrator.pipeline import stages as S
 from orchestrator.tracking.target import RunLabel
 
 # `benchmarks` only says how results are averaged for display: never a reason to re-evaluate.
-_EVAL_RESOURCE_FIELDS = {"num_gpus", "num_cpus", "batch_size", "enabled", "evaluate_base",
-                         "benchmarks"}
+_EVAL_RESOURCE_FIELDS = {"num_gpus", "num_cpus", "max_workers", "batch_size", "enabled",
+                         "evaluate_base", "benchmarks"}
 # Fields added later, left out of the key while unset so earlier results stay cached.
 _EVAL_KEY_DEFAULTS = {"task_limit": {}, "seed": None}
 
@@ -84,20 +84,15 @@ def evaluate_family_early(cfg: ExperimentConfig, outcome: Any, synthetic: S.Stag
     here is only reported: the final pass evaluates what is missing again and owns the
     error (which models failed, and why).
 
-    The families share the room for evaluation tasks (`parallel_tasks`), so three families
-    finishing together start no more task processes than one final pass would."""
-    import ray
-
-    from orchestrator.evaluation.ray_stage import parallel_tasks
-
+    The families share the evaluation workers (`evaluate.max_workers`), so three families
+    finishing together start no more worker processes than one final pass would."""
     wanted, revisions = _wanted(cfg, [outcome])
     if not wanted:
         return
     families = max(1, min(cfg.ray.max_parallel_models, len(cfg.models)))
-    room = parallel_tasks(cfg.evaluate, len(wanted), ray.cluster_resources())
     try:
         evaluate_labelled(cfg, wanted, synthetic, revisions=revisions,
-                          max_tasks=max(1, room // families))
+                          max_workers=max(1, cfg.evaluate.max_workers // families))
     except Exception as exc:  # noqa: BLE001 - the final pass retries and reports
         print(f"[lethe] evaluation of {outcome.spec.name} failed early ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else ''}); retried in the final pass",
@@ -106,7 +101,7 @@ def evaluate_family_early(cfg: ExperimentConfig, outcome: Any, synthetic: S.Stag
 
 def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: S.StageOut | None,
                       in_process: bool = False, revisions: dict[str, str] | None = None,
-                      max_tasks: int | None = None,
+                      max_workers: int | None = None,
                       ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
     """{label: model dir} -> ({label: metrics}, {label: eval stage dir}); cached per model,
     the uncached ones evaluated in parallel Ray tasks, or here with `in_process` (a Tune
@@ -155,7 +150,7 @@ def evaluate_labelled(cfg: ExperimentConfig, wanted: dict[str, str], synthetic: 
 
             timings: dict[str, dict[str, float]] = {}
             try:
-                cap = {"max_tasks": max_tasks} if max_tasks else {}
+                cap = {"max_workers": max_workers} if max_workers else {}
                 fresh = evaluate_many(todo, cfg.evaluate, include, timings,
                                       {k: v for k, v in revisions.items() if k in todo}, **cap)
                 _add_to_timeline(timings)

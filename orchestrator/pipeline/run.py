@@ -124,19 +124,19 @@ def local_gpu_shortfall(cfg: ExperimentConfig, gpus: float) -> list[str]:
 
 
 class TrainingSlots:
-    """Caps how many Ray Train runs are in flight at once.
+    """Caps how many Ray Train runs are in flight at once, across the model families:
+    `ray.max_training_runs` (the config's cap, never a snapshot of the cluster's resources
+    taken at start; a cluster that autoscales from zero GPU nodes has none then).
 
-    Runs reserve their workers' CPUs; keeping two CPUs free of worker reservations lets the
-    other families' scoring actors and evaluation tasks always make progress (training reads
-    its rows straight from Parquet, so it needs no extra Ray Data tasks any more).
+    A run reserves its workers' CPUs / GPUs for as long as it lives, and a family's CPU
+    training session lives through its scoring: runs beyond what the cluster can hold at
+    once would wait in Ray's queue while holding back the scoring actors and evaluation
+    workers of the other families. Within the cap, Ray's own queueing places each run when
+    its resources are there.
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        import ray
-
-        per_run = cfg.train.num_workers * cfg.train.cpus_per_worker
-        free_cpus = float(ray.cluster_resources().get("CPU", 1.0)) - 2.0
-        self.size = max(1, int(free_cpus // per_run)) if per_run > 0 else 1
+        self.size = cfg.ray.max_training_runs
         self._sem = threading.BoundedSemaphore(self.size)
 
     def __enter__(self) -> TrainingSlots:

@@ -139,13 +139,9 @@ def _no_trial(config: dict[str, Any]) -> None:  # a trainable that `proposed_tri
 
 
 def _max_concurrent(cfg: ExperimentConfig) -> int:
-    import ray
-
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    per_trial = cfg.train.num_workers * cfg.train.gpus_per_worker if cfg.train.use_gpu else 0.0
-    return max(1, int(gpus // per_trial)) if per_trial > 0 else 1
+    """The config's cap (`tune.max_concurrent_trials`), never a snapshot of the cluster's
+    resources at start: trials beyond what fits wait in Ray's queue."""
+    return cfg.tune.max_concurrent_trials
 
 
 def run_sweep(cfg: ExperimentConfig) -> dict[str, Any]:
