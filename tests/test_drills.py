@@ -139,7 +139,8 @@ def test_driver_sigkilled_mid_scoring_rerun_scores_only_the_missing_rows(ray_loc
     from orchestrator.scoring import run_scoring, score_files
     from orchestrator.scoring.blocks import ScoredParts
 
-    models, tokens = _models_and_tokens(tmp_path, 40)  # 5 batches of 8
+    # 20 batches of 8 (a second each): the first part file is written while most are left.
+    models, tokens = _models_and_tokens(tmp_path, 160)
     cfg = ScoringConfig(num_actors=1, batch_size=8, token_budget=200)
     clean = run_scoring(tokens, *models, cfg, tmp_path / "clean")
 
@@ -154,13 +155,13 @@ def test_driver_sigkilled_mid_scoring_rerun_scores_only_the_missing_rows(ray_loc
     assert not (hurt / SUCCESS).exists()
     import numpy as np
 
-    done = ScoredParts.reconcile(hurt, np.array([r["sample_id"] for r in _make_rows(40)]))
-    assert 1 <= len(done.sample_ids) < 40, f"{len(done.sample_ids)} of 40 rows were scored"
+    done = ScoredParts.reconcile(hurt, np.array([r["sample_id"] for r in _make_rows(160)]))
+    assert 1 <= len(done.sample_ids) < 160, f"{len(done.sample_ids)} of 160 rows were scored"
 
     run_scoring(tokens, *models, cfg, hurt)
     summary = json.loads((hurt / SUCCESS).read_text())
     assert summary["rows_skipped"] == len(done.sample_ids)
-    assert summary["rows_scored_this_run"] == 40 - len(done.sample_ids)
+    assert summary["rows_scored_this_run"] == 160 - len(done.sample_ids)
     assert not list(hurt.glob("_*.tmp"))
     _same_scores(clean, hurt)
 
@@ -174,7 +175,7 @@ def test_scoring_actor_sigkilled_mid_stage_ray_restarts_it_and_the_stage_finishe
     from orchestrator.config import ScoringConfig
     from orchestrator.scoring import run_scoring
 
-    models, tokens = _models_and_tokens(tmp_path, 48)  # 6 batches of 8
+    models, tokens = _models_and_tokens(tmp_path, 96)  # 12 batches of 8, a second each
     clean = run_scoring(tokens, *models, ScoringConfig(num_actors=1, batch_size=8,
                                                        token_budget=200), tmp_path / "clean")
     hurt = tmp_path / "hurt"
@@ -198,7 +199,7 @@ def test_scoring_actor_sigkilled_mid_stage_ray_restarts_it_and_the_stage_finishe
                  if a.actor_id == victim.actor_id]
     assert restarted and int(restarted[0].num_restarts) >= 1, restarted
     summary = json.loads((hurt / SUCCESS).read_text())
-    assert summary["rows_skipped"] == 0 and summary["rows_scored_this_run"] == 48
+    assert summary["rows_skipped"] == 0 and summary["rows_scored_this_run"] == 96
     _same_scores(clean, hurt)
     print(f"\n[drill] scoring actor {pid} killed; the stage finished in "
           f"{time.time() - t0:.1f} s without a rerun")

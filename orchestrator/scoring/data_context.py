@@ -66,15 +66,17 @@ def write_concurrency(embedded: bool) -> int | None:
     return 1 if embedded else None
 
 
-def blocks_for(rows: int, batch_size: int) -> int:
-    """Blocks to split `rows` rows into: about BATCHES_PER_BLOCK batches each."""
-    return max(1, -(-rows // (batch_size * BATCHES_PER_BLOCK)))
+def block_rows_for(batch_size: int) -> int:
+    """Rows per block: BATCHES_PER_BLOCK scoring batches."""
+    return batch_size * BATCHES_PER_BLOCK
 
 
 def read_tokens(tokens_path: Path, ctx: Any, *, embedded: bool,
-                columns: list[str] | None = INPUT_COLUMNS, num_blocks: int | None = None) -> Any:
-    """The tokens' `columns` (None: all) as a Dataset that executes with `ctx`, in
-    `num_blocks` blocks (None: Ray Data's choice).
+                columns: list[str] | None = INPUT_COLUMNS, block_rows: int | None = None) -> Any:
+    """The tokens' `columns` (None: all) as a Dataset that executes with `ctx`, in blocks of
+    about `block_rows` rows (None: Ray Data's choice). The first reader splits its output
+    into that many blocks itself; the default one reads whole row groups (the data stage
+    writes one), so its output is cut by a streaming repartition.
 
     `read_parquet` decides its reader from the current context when called, so the call is
     made with `ctx` current (`DataContext.current`, restored right after); the dataset
@@ -86,8 +88,18 @@ def read_tokens(tokens_path: Path, ctx: Any, *, embedded: bool,
     # other's copy as the process-wide context.
     with _CURRENT_LOCK, DataContext.current(ctx):
         if embedded:
-            return ray.data.read_parquet(str(tokens_path), columns=columns,
-                                         override_num_blocks=num_blocks,
-                                         **light_task_cpus(embedded))
-        ds = ray.data.read_parquet(str(tokens_path), override_num_blocks=num_blocks)
-        return ds if columns is None else ds.select_columns(columns)
+            rows = _rows(tokens_path) if block_rows else 0
+            return ray.data.read_parquet(
+                str(tokens_path), columns=columns, **light_task_cpus(embedded),
+                override_num_blocks=max(1, -(-rows // block_rows)) if block_rows else None)
+        ds = ray.data.read_parquet(str(tokens_path))
+        ds = ds if columns is None else ds.select_columns(columns)
+        return ds.repartition(target_num_rows_per_block=block_rows) if block_rows else ds
+
+
+def _rows(tokens_path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    from orchestrator.scoring.blocks import token_files
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in token_files(tokens_path))

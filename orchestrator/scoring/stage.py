@@ -161,21 +161,20 @@ def _part_names():
     return type("PartNames", (_PartNames, FilenameProvider), {})()
 
 
-def build_pipeline(tokens_path: Path, rows: int, cfg: ScoringConfig, scorer_kwargs: dict,
+def build_pipeline(tokens_path: Path, cfg: ScoringConfig, scorer_kwargs: dict,
                    scored: np.ndarray, stats_dir: Path, embedded: bool):
     """The Ray Data dataset that scores the rows of `tokens_path` not in `scored` (lazy)."""
     import ray
 
     from orchestrator.scoring.data_context import (
-        blocks_for,
+        block_rows_for,
         light_task_cpus,
         read_tokens,
         stage_context,
     )
 
     ctx = stage_context(embedded=embedded, scheduling_strategy=scheduling_strategy(cfg))
-    ds = read_tokens(tokens_path, ctx, embedded=embedded,
-                     num_blocks=blocks_for(rows, cfg.batch_size))
+    ds = read_tokens(tokens_path, ctx, embedded=embedded, block_rows=block_rows_for(cfg.batch_size))
     if scored.size:
         ds = ds.map_batches(_drop_scored, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"scored": scored}, **light_task_cpus(embedded))
@@ -256,8 +255,7 @@ def run_scoring(
 
         kwargs = _scorer_kwargs(base_path, ref_path, cfg, trust_remote_code, attn_implementation,
                                 base_revision)
-        ds = build_pipeline(tokens_path, len(corpus), cfg, kwargs, done.sample_ids, stats_dir,
-                            embedded)
+        ds = build_pipeline(tokens_path, cfg, kwargs, done.sample_ids, stats_dir, embedded)
         ds.write_parquet(str(out_dir), filename_provider=_part_names(),
                          ray_remote_args=light_task_cpus(embedded),
                          concurrency=write_concurrency(embedded))
