@@ -227,7 +227,7 @@ def stage_asks(cfg: ExperimentConfig) -> list[Ask]:
         if ev.num_gpus:
             task["GPU"] = ev.num_gpus
             efields["GPU"] = "evaluate.num_gpus"
-        asks.append(Ask("evaluate (one Ray task per model)", task, 1, efields))
+        asks.append(Ask("evaluate (a pool of evaluation actors)", task, 1, efields))
     return asks
 
 

@@ -45,6 +45,7 @@ def stage_context(*, embedded: bool, scheduling_strategy: str | None = None) -> 
     ctx = DataContext.get_current().copy()
     # Bars only on a terminal, as the rest of Lethe's output (logs.configure_console).
     ctx.enable_progress_bars = interactive()
+    ctx.print_on_execution_start = interactive()  # off a terminal: the stats file has the plan
     ctx.enable_auto_log_stats = False  # the stage prints its own stats after the write
     # Where the stage's actors and tasks go. Ray Data's default is SPREAD already; setting
     # it (deprecated in 2.60: "Ray Data manages scheduling") only for another strategy.
