@@ -108,8 +108,8 @@ class DataConfig(Strict):
     """Column names where the rows' differ from the layout's own, e.g. {messages: dialogue,
     role: speaker, content: text} or {instruction: question, output: answer}."""
     roles: dict[str, str] | None = None
-    """Role names of the rows -> system / user / assistant, added to the layout's own
-    (messages: those three; sharegpt: also human, gpt), e.g. {human: user, bot: assistant}."""
+    """Role names of the rows -> system / user / assistant, added to those known (system,
+    user, assistant, and ShareGPT's human, gpt), e.g. {bot: assistant, narrator: system}."""
     chat_template: Literal["paper", "tokenizer"] = "paper"
     """paper: the open-instruct / Tulu template the authors trained with; tokenizer: the
     tokenizer's own chat template."""

@@ -234,6 +234,14 @@ def test_auto_reads_a_file_mixing_layouts_and_rejects_per_row(tmp_path, tok):
     assert lines[len(CASES)].startswith(f"row {len(CASES)}: rejected: missing_fields: row matches no")
 
 
+def test_either_key_style_and_role_names_in_either_list_column():
+    # LLaMA-Factory's sharegpt also reads OpenAI-style turns; hub sets put either in either
+    openai_turns = [_m("user", "hi"), _m("assistant", "hello")]
+    sharegpt_turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    for row in ({"conversations": openai_turns}, {"messages": sharegpt_turns}):
+        assert conversation_from_row(row).messages == openai_turns
+
+
 def test_noise_spans_still_mark_tokens_of_messages_rows(tmp_path, tok):
     row = {"messages": [_m("user", "What is 37 + 58?"), _m("assistant", "The answer is 95.")],
            "noise_spans": [{"message": 1, "start": 4, "end": 10}]}

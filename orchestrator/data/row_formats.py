@@ -38,9 +38,10 @@ COLUMNS: dict[str, str | None] = {
     "instruction": "instruction", "input": "input", "output": "output", "history": "history",
 }
 _MESSAGE_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
-# ShareGPT dumps write human / gpt; LLaMA-Factory's sharegpt defaults are the same names.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "system": "system"}
+# Role names every message list understands: the three roles, and the human / gpt of
+# ShareGPT dumps (LLaMA-Factory's sharegpt defaults), whichever key style the turns use.
+KNOWN_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
+               "human": "user", "gpt": "assistant"}
 _MAX_KEYS_SHOWN = 20
 
 
@@ -92,9 +93,6 @@ def format_of_keys(row: Mapping[str, Any], columns: Any = None) -> str:
                       f"accepted: {accepted} (data.columns maps other names)")
 
 
-def _role_map(fmt: str, roles: Mapping[str, str] | None) -> dict[str, str]:
-    base = SHAREGPT_ROLES if fmt == "sharegpt" else {r: r for r in ROLES}
-    return {**base, **(roles or {})}
 
 
 def _message(msg: Any, where: str, keys: tuple[str, str], alt: tuple[str, str] | None,
@@ -133,7 +131,7 @@ def _turns(raw: Any, column: str, fmt: str, names: dict[str, str | None],
     other = None
     if names["role"] is None and names["content"] is None:
         other = _MESSAGE_KEYS["messages" if fmt == "sharegpt" else "sharegpt"]
-    role_map = _role_map(fmt, roles)
+    role_map = {**KNOWN_ROLES, **(roles or {})}
     return [_message(m, f"{column}[{i}]", configured, other, role_map) for i, m in enumerate(raw)]
 
 
