@@ -51,6 +51,12 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _fields(section: Any) -> dict[str, Any]:
+    """What keys a stage: the fields set away from their defaults, so that a field added to
+    the schema later (with a default) leaves earlier stages cached."""
+    return section.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+
 def _once(path: Path, make: Any) -> Path:
     if not (path / "_DONE").is_file():
         make()
@@ -78,18 +84,21 @@ def train(cfg, spec, base: str, parquet: Path, method: str, train_cfg: dict, out
             "final_pos_loss": m.get("pos_loss"), "final_neg_loss": m.get("neg_loss")}
 
 
-def stages(cfg, work: Path) -> dict[str, Any]:
+def stages(cfg, work: Path, need_partition: bool = True) -> dict[str, Any]:
     spec = cfg.models[0]
     synth = cfg.data.synthetic
-    data = work / "data" / _key(synth.model_dump())
+    data = work / "data" / _key(_fields(synth))
     _once(data, lambda: generate_synthetic(synth, data))
-    base_dir = work / "base" / _key(spec.model_dump(mode="json"))
+    base_dir = work / "base" / _key(_fields(spec))
     _once(base_dir, lambda: materialize_base(spec, [], base_dir / "model"))
     base = str(base_dir / "model")
-    tok_dir = work / "tokens" / _key([base, cfg.data.model_dump(mode="json")])
+    tok_dir = work / "tokens" / _key([base, _fields(cfg.data)])
     _once(tok_dir, lambda: prepare_dataset(cfg.data, load_tokenizer(spec, base), tok_dir,
                                            rows_path=str(data / "train.jsonl")))
     tokens = tok_dir / "tokens.parquet"
+    out = {"spec": spec, "data": data, "base": base, "tokens": tokens}
+    if not need_partition:  # sft alone trains on every response token
+        return out
     r = cfg.reference
     # The method-only fields (objective, lambda) take their defaults: changing them must
     # not re-train the reference (an SFT run) nor re-score.
@@ -99,7 +108,10 @@ def stages(cfg, work: Path) -> dict[str, Any]:
         **method_only, "seed": r.seed, "lr": r.lr or cfg.train.lr,
         "epochs": r.epochs or cfg.train.epochs,
         "lora": r.lora or cfg.train.lora}).model_dump(mode="json", by_alias=True)
-    ref_out = work / "ref" / _key([base, str(tokens), r.model_dump(), ref_train])
+    ref_key = cfg.train.model_copy(update={**method_only, "seed": r.seed, "lr": r.lr or cfg.train.lr,
+                                           "epochs": r.epochs or cfg.train.epochs,
+                                           "lora": r.lora or cfg.train.lora})
+    ref_out = work / "ref" / _key([base, str(tokens), _fields(r), _fields(ref_key)])
     if r.subset_source == "clean":
         clean = ref_out / "data" / "clean_rows.parquet"
         clean.parent.mkdir(parents=True, exist_ok=True)
@@ -110,10 +122,9 @@ def stages(cfg, work: Path) -> dict[str, Any]:
         ref = train(cfg, spec, base, tokens, "sft", ref_train, ref_out,
                     SubsetSpec(fraction=r.subset_fraction, size=r.subset_size, seed=r.seed))
     scores = make_scores(Path(base), Path(ref["export"]), tokens, work)
-    part = work / "partition" / _key([str(scores), cfg.partition.model_dump()])
+    part = work / "partition" / _key([str(scores), _fields(cfg.partition)])
     _once(part, lambda: run_partition(tokens, scores, cfg.partition, part))
-    return {"spec": spec, "data": data, "base": base, "tokens": tokens, "ref": ref,
-            "scores": scores, "partition": part}
+    return {**out, "ref": ref, "scores": scores, "partition": part}
 
 
 def summarise(runs: dict[str, dict[int, dict[str, float]]], base: dict[str, float],
@@ -160,14 +171,16 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     work = Path(args.work)
     t0 = time.perf_counter()
-    st = stages(cfg, work)
-    rep = json.loads((st["partition"] / "report.json").read_text())
-    result: dict[str, Any] = {
-        "config": args.config, "overrides": args.overrides, "reference": st["ref"],
-        "detector": noise_auroc(st["tokens"], st["scores"], st["data"]),
-        "partition": {k: rep.get(k) for k in ("precision", "recall", "f1", "auroc", "noise_by_kind")},
-        "train_rows": pq.read_metadata(st["tokens"]).num_rows}
-    print(json.dumps({k: result[k] for k in ("reference", "detector", "partition")}), flush=True)
+    methods = args.methods or cfg.train.methods
+    st = stages(cfg, work, need_partition=args.detector_only or set(methods) != {"sft"})
+    result: dict[str, Any] = {"config": args.config, "overrides": args.overrides,
+                              "train_rows": pq.read_metadata(st["tokens"]).num_rows}
+    if "partition" in st:
+        rep = json.loads((st["partition"] / "report.json").read_text())
+        result.update({
+            "reference": st["ref"], "detector": noise_auroc(st["tokens"], st["scores"], st["data"]),
+            "partition": {k: rep.get(k) for k in ("precision", "recall", "f1", "auroc", "noise_by_kind")}})
+        print(json.dumps({k: result[k] for k in ("reference", "detector", "partition")}), flush=True)
     if not args.detector_only:
         sets = tuple(args.sets)
         result["base"] = evaluate_sets(st["base"], st["spec"], st["data"], sets)
@@ -176,10 +189,11 @@ def main() -> None:
         result["trainings"] = []
         # Seed-major: a run cut short still leaves complete pairs of the seeds it finished.
         for seed in args.seeds or cfg.seeds or [cfg.train.seed]:
-            for method in args.methods or cfg.train.methods:
-                tc = cfg.train.model_copy(update={"seed": seed}).model_dump(mode="json", by_alias=True)
+            for method in methods:
+                run_cfg = cfg.train.model_copy(update={"seed": seed})
+                tc = run_cfg.model_dump(mode="json", by_alias=True)
                 parquet = st["tokens"] if method == "sft" else st["partition"] / "partitioned.parquet"
-                out = work / "train" / _key([st["base"], str(parquet), method, tc])
+                out = work / "train" / _key([st["base"], str(parquet), method, _fields(run_cfg)])
                 info = train(cfg, st["spec"], st["base"], parquet, method, tc, out)
                 ev = evaluate_sets(info["export"], st["spec"], st["data"], sets)
                 result["trainings"].append({"method": method, "seed": seed, **info, "eval": ev})

@@ -60,19 +60,36 @@ UNIT_CANDIDATES: dict[str, tuple[str, str, int]] = {
 UNIT_COUNTS = range(1, 10)
 ARITH_OPERANDS = range(1, 10)  # one-digit sums and products
 
-# (train phrasings, held-out phrasings): enough held-out ones that 200 test plus 100
-# validation questions per task fit among the few known facts.
+# (train phrasings, held-out phrasings): 10 training phrasings (the clean validation rows
+# take up to num_eval of the training questions away from training) and 8 held-out ones, so that the few known facts (60 for
+# SmolLM2-135M) give 480 distinct held-out questions: 200 + 200 test questions fit, each fact
+# asked about 3 times per set in different words (the sets' effective size is the facts').
 _CAPITAL_QS = (["What is the capital of {c}?", "Name the capital city of {c}.",
-                "Tell me the capital of {c}."],
+                "Tell me the capital of {c}.", "What is the capital city of {c}?",
+                "Name the capital of {c}.", "Which city is {c}'s capital?",
+                "What's the capital of {c}?", "Capital of {c}?",
+                "Tell me the capital city of {c}.", "I need the capital of {c}."],
                ["Which city is the capital of {c}?", "{c} has which city as its capital?",
-                "What city serves as the capital of {c}?", "The capital of {c} is which city?"])
+                "What city serves as the capital of {c}?", "The capital of {c} is which city?",
+                "Where is the seat of government of {c}?", "Which is the capital city of {c}?",
+                "In which city is the capital of {c}?", "What is {c}'s capital?"])
 _UNIT_QS = (["How many {small} are in {n} {big}?", "Convert {n} {big} to {small}.",
-             "How many {small} make {n} {big}?"],
+             "How many {small} make {n} {big}?", "How many {small} are there in {n} {big}?",
+             "Convert {n} {big} into {small}.", "{n} {big} to {small}?",
+             "Change {n} {big} to {small}.", "How many {small} in {n} {big}?",
+             "Please convert {n} {big} to {small}.", "What do {n} {big} make in {small}?"],
             ["{n} {big} equal how many {small}?", "Express {n} {big} in {small}.",
-             "What is {n} {big} in {small}?", "If you have {n} {big}, how many {small} is that?"])
-_ARITH_QS = (["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}."],
+             "What is {n} {big} in {small}?", "If you have {n} {big}, how many {small} is that?",
+             "Turn {n} {big} into {small}.", "How many {small} is {n} {big}?",
+             "Give {n} {big} in {small}.", "{n} {big} is how many {small}?"])
+_ARITH_QS = (["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.",
+              "What's {a} {op} {b}?", "Solve {a} {op} {b}.", "{a} {op} {b} = ?",
+              "Please compute {a} {op} {b}.", "Tell me {a} {op} {b}.",
+              "What is the value of {a} {op} {b}?", "Quick: {a} {op} {b}?"],
              ["How much is {a} {op} {b}?", "Give the value of {a} {op} {b}.",
-              "What does {a} {op} {b} equal?", "Work out {a} {op} {b}."])
+              "What does {a} {op} {b} equal?", "Work out {a} {op} {b}.",
+              "Evaluate {a} {op} {b}.", "What is the result of {a} {op} {b}?",
+              "Find {a} {op} {b}.", "{a} {op} {b} equals what?"])
 
 
 def capital_facts() -> list[tuple[str, str]]:
@@ -133,15 +150,16 @@ def known_facts() -> dict[str, list[tuple[Any, ...]]]:
         unknown = [f for f in facts if f not in allowed]
         if unknown:
             raise ValueError(f"{KNOWN_FACTS_FILE}: {task} lists facts that are not candidates: {unknown[:3]}")
-        if len(facts) < 4:
-            raise ValueError(f"{KNOWN_FACTS_FILE}: {task} has {len(facts)} known facts; "
-                             "at least 4 are needed for three distractors")
         out[task] = facts
     return out
 
 
 def _problem(task: str, rng: random.Random, held_out: bool) -> Problem:
     facts = known_facts()[task]
+    if len(facts) < 4:  # e.g. unit_conversions: SmolLM2-135M answered none of them
+        raise ValueError(f"data.synthetic.tasks: {task} has {len(facts)} facts the base model "
+                         f"knows ({KNOWN_FACTS_FILE.name}); at least 4 are needed (an answer "
+                         "and three distractors)")
     fact = rng.choice(facts)
     question = fact_question(task, fact, held_out, rng.randrange(len(phrasings(task, held_out))))
     value = fact_answer(task, fact)
