@@ -11,7 +11,7 @@ import jobs._entry as entry_mod
 
 
 @pytest.mark.parametrize("job, expected", [
-    ("pipeline", ["run", "c.yaml", "partition.rho=0.6"]),
+    ("pipeline", ["run", "c.yaml", "partition.rho=0.6", "--preflight"]),
     ("score", ["run", "c.yaml", "partition.rho=0.6", "--until", "partition"]),
     ("train", ["run", "c.yaml", "partition.rho=0.6", "--until", "train"]),
     ("evaluate", ["run", "c.yaml", "partition.rho=0.6", "--until", "evaluate"]),
