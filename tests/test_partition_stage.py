@@ -191,10 +191,20 @@ def test_missing_scores_names_the_sample(tmp_path, rows):
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("embedded", [False, True], ids=["cluster", "embedded"])
 @pytest.mark.parametrize("mode", ["global", "per_sample"])
-def test_distributed_path_equals_in_memory(ray_local, tmp_path, rows, mode):
+def test_distributed_path_equals_in_memory(ray_local, tmp_path, rows, mode, embedded, monkeypatch):
+    """Also with the embedded instance's settings (`lethe run`'s own Ray): there Ray Data's
+    first Parquet reader splits the read into 2 x the cluster's CPUs blocks (45 rows on 4
+    CPUs: 6,6,6,6,6,5,5,5), which the classify pass's blocks must not follow."""
     from ray.data import DataContext
 
+    from orchestrator.embedded import EMBEDDED_ENV
+
+    if embedded:
+        monkeypatch.setenv(EMBEDDED_ENV, "1")
+    else:
+        monkeypatch.delenv(EMBEDDED_ENV, raising=False)
     tokens, scores = _write(rows, tmp_path)
     cfg = PartitionConfig(rho=0.7, mode=mode, histogram_bins=20)
     mem = run_partition(tokens, scores, cfg, tmp_path / "mem")

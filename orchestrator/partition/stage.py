@@ -219,11 +219,20 @@ def _distributed(tokens_path: Path, scores_path: Path, cfg: PartitionConfig, out
     def tokens_ds(columns: list[str] | None = None, ordered: bool = False):
         # A DataContext copy of this pass's own (scoring/data_context.py), never the
         # process-wide one: with `ordered`, the written parts follow the input's order
-        # (a deterministic training row order).
+        # (a deterministic training row order): blocks of exactly `rows_per_block`
+        # consecutive input rows (the last one shorter), each sorted by sample_id (the
+        # join), in input order. `preserve_order` keeps the order of blocks and of the
+        # write tasks that name the parts; `strict` fixes where the blocks begin. The
+        # default (non-strict) repartition only cuts blocks above the target and passes
+        # smaller ones through, so the blocks followed whatever the read produced: Ray
+        # Data's first Parquet reader (embedded) splits a read task's output into
+        # 2 x the cluster's CPUs pieces (45 rows on 4 CPUs: 6,6,6,6,6,5,5,5), and the
+        # parts changed with the reader and the cluster's size. Strict rebundles across
+        # the read's blocks (in order, as preserve_order delivers them) into exact sizes.
         ctx = stage_context(embedded=embedded)
         ctx.execution_options.preserve_order = ordered
         ds = read_tokens(tokens_path, ctx, embedded=embedded, columns=columns)
-        return ds.repartition(target_num_rows_per_block=rows_per_block)
+        return ds.repartition(target_num_rows_per_block=rows_per_block, strict=ordered)
 
     info: dict = {"path": "distributed"}
     cut = None
