@@ -376,7 +376,12 @@ def test_lethe_ui_server_receives_a_run_and_stops_on_sigterm(tmp_path, monkeypat
                    "  - {name: m, family: llama, from_config: {hidden_size: 32}}\n")
     lethe = Path(sys.executable).parent / "lethe"
     port = _free_port()
-    proc = subprocess.Popen([str(lethe), "ui", str(cfg), "--port", str(port)],
+    # The server must serve this config's own store: an MLFLOW_TRACKING_URI left in the
+    # environment by an earlier test in the session would win over the config (no
+    # tracking_uri here) and `lethe ui` would serve that store instead (seen in full-suite
+    # runs: the run landed in another store's experiment 3, its artifact beside that store).
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([str(lethe), "ui", str(cfg), "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server_pid = None
     deadline = time.time() + 60
