@@ -21,7 +21,13 @@ import pandas as pd
 
 from orchestrator.evaluation.benchmarks import AVERAGE, benchmark_scores
 from orchestrator.tracking.compare_plots import bar_charts, effect_chart
-from orchestrator.tracking.effect import CONFIDENCE, PAIRS, PairedEffect, family_effects
+from orchestrator.tracking.effect import (
+    CONFIDENCE,
+    PAIRS,
+    PairedEffect,
+    family_effects,
+    pair_table,
+)
 from orchestrator.tracking.power import power_metrics, power_section
 from orchestrator.tracking.target import TrackingTarget
 from orchestrator.tracking.tracker import KIND_TAG, PARENT_TAG, RunLogger
@@ -248,18 +254,7 @@ def effects(runs: pd.DataFrame, order: CompareOrder | None = None,
 def effect_table(records: list[dict[str, Any]], scale: float = 1.0, digits: int = 3,
                  metrics: list[str] | None = None) -> pd.DataFrame:
     """Rows (family, "a − b"), a column `n` (paired seeds), one cell per metric."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for rec in records:
-        eff: PairedEffect = rec["effect"]
-        if metrics is not None and rec["metric"] not in metrics:
-            continue
-        row = rows.setdefault((rec["family"], f"{eff.a} − {eff.b}"), {"n": eff.n})
-        row[rec["metric"]] = eff.cell(scale, digits)
-    if not rows:
-        return pd.DataFrame()
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index = pd.MultiIndex.from_tuples(table.index, names=["family", "difference"])
-    return table
+    return pair_table(records, lambda eff: eff.cell(scale, digits), metrics)
 
 
 def verdict_lines(records: list[dict[str, Any]], metrics: list[str] | None = None) -> list[str]:

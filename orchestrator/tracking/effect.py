@@ -12,11 +12,12 @@ the seed noise: it is when the interval excludes 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 CONFIDENCE = 0.95
 # Which differences the comparison reports (first minus second), when both methods ran.
@@ -164,3 +165,21 @@ def family_effects(per_seed: Mapping[str, Mapping[Any, float]], *,
     whose two methods both ran."""
     return [paired_effect(per_seed[a], per_seed[b], a=a, b=b, confidence=confidence)
             for a, b in pairs if a in per_seed and b in per_seed]
+
+
+def pair_table(records: list[dict[str, Any]], cell: Callable[[PairedEffect], str],
+               metrics: list[str] | None = None) -> pd.DataFrame:
+    """Rows (family, "a − b"), a column `n` (paired seeds), per metric `cell(effect)`
+    (records as from tracking.compare.effects: family, metric, effect)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for rec in records:
+        eff: PairedEffect = rec["effect"]
+        if metrics is not None and rec["metric"] not in metrics:
+            continue
+        row = rows.setdefault((rec["family"], f"{eff.a} − {eff.b}"), {"n": eff.n})
+        row[rec["metric"]] = cell(eff)
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["family", "difference"])
+    return table

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.tracking.effect import CONFIDENCE, PairedEffect, t_critical
+from orchestrator.tracking.effect import CONFIDENCE, PairedEffect, pair_table, t_critical
 
 POWER = 0.8
 
@@ -71,20 +71,12 @@ def power_table(records: list[dict[str, Any]], metrics: list[str] | None = None,
                 power: float = POWER, scale: float = 1.0, digits: int = 3) -> pd.DataFrame:
     """Rows (family, "a − b"), per metric the cell `±h / MDE m` (records as from
     tracking.compare.effects)."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for rec in records:
-        eff: PairedEffect = rec["effect"]
-        if metrics is not None and rec["metric"] not in metrics:
-            continue
-        row = rows.setdefault((rec["family"], f"{eff.a} − {eff.b}"), {"n": eff.n})
+    def cell(eff: PairedEffect) -> str:
         p = effect_power(eff, power)
-        row[rec["metric"]] = ("-" if p is None else
-                              f"±{p.half_width * scale:.{digits}f} / MDE {p.mde * scale:.{digits}f}")
-    if not rows:
-        return pd.DataFrame()
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index = pd.MultiIndex.from_tuples(table.index, names=["family", "difference"])
-    return table
+        return "-" if p is None else \
+            f"±{p.half_width * scale:.{digits}f} / MDE {p.mde * scale:.{digits}f}"
+
+    return pair_table(records, cell, metrics)
 
 
 def power_section(records: list[dict[str, Any]], metrics: list[str] | None = None,
