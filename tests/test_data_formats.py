@@ -18,7 +18,9 @@ from orchestrator.data.errors import RowRejected
 from orchestrator.data.row_formats import FORMATS, describe_first_rows, detect_format
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
+sys.path.insert(0, str(Path(__file__).parent))
 from lethe_tiny_tokenizers import EOS, build_tokenizer  # noqa: E402
+from test_data_prepare import runs  # noqa: E402  (contiguous trained-token runs)
 
 REPO = Path(__file__).resolve().parent.parent
 # "### role:" headers: a template unlike the paper's, with the eos as end-of-turn marker
@@ -106,17 +108,6 @@ def _write(path: Path, rows: list) -> Path:
     return path
 
 
-def _runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    out, cur = [], []
-    for t, m in zip(ids, mask, strict=True):
-        if m:
-            cur.append(t)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
-
-
 def _prepare(tmp_path: Path, tok, rows: list, **kw):
     src = _write(tmp_path / "rows.jsonl", rows)
     report = prepare_dataset(DataConfig(source="file", path=str(src), **kw), tok, tmp_path / "out")
@@ -140,7 +131,7 @@ def test_trained_tokens_decode_to_the_assistant_text(tmp_path, tok, case, templa
         _, [out] = _prepare(tmp_path, tok, [row], format=fmt, chat_template=template,
                             max_seq_len=1024)
         ids, mask = out["input_ids"], out["response_mask"]
-        assert [tok.decode(r) for r in _runs(ids, mask)] == [t + EOS for t in trained]
+        assert [tok.decode(r) for r in runs(ids, mask)] == [t + EOS for t in trained]
         if template == "paper":
             expected_text = render_paper(conversation_from_row({"messages": messages}), EOS).text
         else:
@@ -224,7 +215,7 @@ def test_auto_reads_a_file_mixing_layouts_and_rejects_per_row(tmp_path, tok):
     report, table = _prepare(tmp_path, tok, rows, max_rejected_fraction=0.5, max_seq_len=1024)
     assert [r["sample_id"] for r in table] == list(range(len(CASES)))
     for (_, _, _, _, trained), out in zip(CASES, table, strict=True):
-        got = [tok.decode(r) for r in _runs(out["input_ids"], out["response_mask"])]
+        got = [tok.decode(r) for r in runs(out["input_ids"], out["response_mask"])]
         assert got == [t + EOS for t in trained]
     rejects = [json.loads(line) for line in report.rejects_path.read_text().splitlines()]
     assert [(r["row"], r["reason"]) for r in rejects] == [(len(CASES), "missing_fields"),
