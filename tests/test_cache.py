@@ -230,18 +230,18 @@ def test_lock_is_reentrant_per_thread_and_taken_over_from_a_dead_thread(tmp_path
 
 
 def test_big_file_hashes_are_memoised_on_disk(tmp_path, monkeypatch):
-    import orchestrator.cache as cache
+    import orchestrator.hashing as hashing
 
     memo = tmp_path / "memo.jsonl"
     monkeypatch.setenv("LETHE_HASH_MEMO", str(memo))
-    monkeypatch.setattr(cache, "_DISK_MEMO_MIN_BYTES", 10)
-    monkeypatch.setattr(cache, "_FILE_HASHES", {})
-    monkeypatch.setattr(cache, "_disk_memo_loaded", False)
+    monkeypatch.setattr(hashing, "_DISK_MEMO_MIN_BYTES", 10)
+    monkeypatch.setattr(hashing, "_FILE_HASHES", {})
+    monkeypatch.setattr(hashing, "_disk_memo_loaded", False)
     f = tmp_path / "weights.bin"
     f.write_bytes(b"0123456789abcdef")
-    digest = cache.file_sha256(f)
+    digest = hashing.file_sha256(f)
     assert len(memo.read_text().splitlines()) == 1
-    monkeypatch.setattr(cache, "_FILE_HASHES", {})  # a new process: only the disk memo
-    monkeypatch.setattr(cache, "_disk_memo_loaded", False)
-    monkeypatch.setattr(cache.hashlib, "sha256", None)  # hashing again would fail
-    assert cache.file_sha256(f) == digest
+    monkeypatch.setattr(hashing, "_FILE_HASHES", {})  # a new process: only the disk memo
+    monkeypatch.setattr(hashing, "_disk_memo_loaded", False)
+    monkeypatch.setattr(hashing.hashlib, "sha256", None)  # hashing again would fail
+    assert hashing.file_sha256(f) == digest
