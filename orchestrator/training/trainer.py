@@ -12,24 +12,25 @@ micro-batch the step's class counts are summed over the ranks (global normalisat
 nothing per step depends on the corpus size. Every rank reports to the context equally
 often (Ray Train's report is a barrier): at evaluation and checkpoint steps, every tenth of
 the run, and at the end; MLflow curves (rank 0) are logged at finer log steps.
+
+The state a checkpoint carries, the running sums and the worker's job are in
+trainer_state.py (re-exported here).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from orchestrator.config import ModelSpec, TrainConfig
 from orchestrator.method.schedules import lambda_at
 from orchestrator.models import load_model, load_tokenizer
 from orchestrator.training.batches import (
@@ -42,7 +43,6 @@ from orchestrator.training.checkpoint_policy import CheckpointPolicy
 from orchestrator.training.context import WorkerContext
 from orchestrator.training.data import StepPlan
 from orchestrator.training.export import apply_lora, save_hf_folder, write_json_atomic
-from orchestrator.training.job import TrainJob
 from orchestrator.training.loss import (
     Normalizer,
     TokenLossModel,
@@ -54,73 +54,18 @@ from orchestrator.training.loss import (
 from orchestrator.training.mlflow_logging import TrainingCurves, training_params
 from orchestrator.training.rng_state import load_rng_state, save_rng_state
 from orchestrator.training.strategy import Strategy
+from orchestrator.training.trainer_state import (
+    ATTEMPT_FILE,
+    STATE_FILE,
+    NonFiniteLossError,
+    StepSums,
+    TrainerState,
+    ValidationSums,
+    WorkerJob,
+)
 
-STATE_FILE = "trainer_state.json"
-ATTEMPT_FILE = "attempt.json"  # in the job's output folder: see TrainerState.attempt
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss was nan/inf and train.on_nonfinite is "stop"."""
-
-
-@dataclass
-class TrainerState:
-    """What a checkpoint carries besides the engine state (trainer_state.json)."""
-
-    step: int = 0  # optimizer steps done
-    skipped_micro_batches: int = 0  # non-finite micro-batches skipped (on_nonfinite="skip")
-    tokens: int = 0  # real (non-pad) tokens processed, all ranks
-    train_seconds: float = 0.0
-    world_size: int = 1
-    mlflow_run_id: str | None = None
-    job: str | None = None  # run name of the job (several jobs share one Ray Train run)
-    # Which attempt at the job's output folder wrote the checkpoint (ATTEMPT_FILE): a folder
-    # deleted to force a retrain must not resume from the old attempt's checkpoints, which a
-    # training session's storage (stages/sessions/) outlives.
-    attempt: str | None = None
-
-
-@dataclass
-class StepSums:
-    """Running sums since the last report (summed over the ranks before use)."""
-
-    pos_ce: float = 0.0  # sum of CE over class +1 targets
-    n_pos: int = 0
-    neg_ce: float = 0.0  # sum of CE over class -1 targets
-    n_neg: int = 0
-    tokens: int = 0  # real (non-pad) input tokens
-
-    def mean_pos(self) -> float:
-        return self.pos_ce / self.n_pos if self.n_pos else float("nan")
-
-    def mean_neg(self) -> float:
-        return self.neg_ce / self.n_neg if self.n_neg else float("nan")
-
-
-@dataclass
-class ValidationSums:
-    ce: float = 0.0
-    n: int = 0
-
-
-@dataclass
-class WorkerJob:
-    """A worker's job: the TrainJob plus what the driver resolved once for every worker
-    (`training.stage.loop_config`). `config` is that dict as received (the context reads the
-    rank's shard and names checkpoints from it)."""
-
-    job: TrainJob
-    config: dict[str, Any]
-    spec: ModelSpec
-    train: TrainConfig
-    deepspeed_config: dict[str, Any] | None
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> WorkerJob:
-        names = {f.name for f in dataclasses.fields(TrainJob)} - {"callbacks"}
-        job = TrainJob(**{k: v for k, v in config.items() if k in names})
-        return cls(job=job, config=config, spec=job.model_spec(), train=job.train_config(),
-                   deepspeed_config=config.get("deepspeed_config"))
+__all__ = ["ATTEMPT_FILE", "STATE_FILE", "NonFiniteLossError", "StepSums", "Trainer",
+           "TrainerState", "ValidationSums", "WorkerJob", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
