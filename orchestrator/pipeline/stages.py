@@ -6,11 +6,14 @@ stages it reads plus the config fields that change its numbers; resource fields 
 worker counts, CPUs, GPUs, batch sizes that only change scheduling) are left out, so moving
 a run from a laptop to a cluster reuses its scores. Changing `partition.rho` therefore gives a
 new partition key and new training keys, but the scoring key stays the same.
+
+Every stage here is opened through this module's `_open` (`lethe plan` swaps it for a
+read-only look-up, pipeline/plan.py). `StageOut` and the readers of finished stages'
+records live in pipeline/stage_outputs.py and are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,28 @@ from typing import Any
 from orchestrator.cache import Stage, path_fingerprint
 from orchestrator.config import ExperimentConfig, ModelSpec
 from orchestrator.logs import stage_key_line
+from orchestrator.pipeline.stage_outputs import (
+    StageOut,
+    _spec_of,
+    base_revision,
+    find_done,
+    model_path,
+    partition_report,
+    pinned_spec,
+    scores_path,
+    scoring_summary,
+    stage_metrics,
+    stage_summary,
+    stages_root,
+)
+
+__all__ = [
+    "StageOut", "TrainRequest", "_open", "_spec_of", "base_built", "base_inputs",
+    "base_revision", "base_stage", "find_done", "model_path", "partition_report",
+    "partition_stage", "pinned_spec", "reference_stage", "score_stage", "scores_path",
+    "scoring_summary", "stage_metrics", "stage_summary", "stages_root", "tokens_stage",
+    "train_stage", "train_stages",
+]
 
 _BASE_BUILD_LOCK = threading.Lock()
 
@@ -29,19 +54,6 @@ _SCORING_RESOURCE_FIELDS = {"num_actors", "min_actors", "num_gpus_per_actor",
 _TRAIN_RESOURCE_FIELDS = {"methods", "use_gpu", "cpus_per_worker", "gpus_per_worker",
                           "checkpoint_every", "checkpoint_every_minutes", "max_failures",
                           "gradient_checkpointing", "placement_strategy"}
-
-
-@dataclass(frozen=True)
-class StageOut:
-    """Where a stage's output lives and the key that names it (used by downstream keys)."""
-
-    key: str
-    dir: Path
-    cached: bool
-
-
-def stages_root(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.run_dir).resolve() / cfg.name / "stages"
 
 
 def _without(d: dict[str, Any], fields: set[str]) -> dict[str, Any]:
@@ -145,12 +157,6 @@ def base_stage(cfg: ExperimentConfig, spec: ModelSpec, rows_path: str, rows_iden
     return StageOut(st.key, st.dir, cached)
 
 
-def model_path(out: StageOut) -> str:
-    """The model directory (or hub id) a base / train stage produced."""
-    summary = json.loads((out.dir / "_SUCCESS.json").read_text())
-    return str(summary["model_path"])
-
-
 def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ident: Any,
                  split: str) -> StageOut:
     """Chat-format and tokenize the rows with the base model's tokenizer."""
@@ -178,26 +184,6 @@ def tokens_stage(cfg: ExperimentConfig, base: StageOut, rows_path: str, rows_ide
         st.mark_done({"tokens_path": str(st.dir / "tokens.parquet"),
                       "report": getattr(report, "__dict__", {})})
     return StageOut(st.key, st.dir, cached)
-
-
-def _spec_of(base: StageOut) -> ModelSpec:
-    """The base stage's model spec, pinned to the commit its hub id resolved to."""
-    inputs = json.loads((base.dir / "inputs.json").read_text())
-    return pinned_spec(ModelSpec.model_validate(inputs["spec"]), base)
-
-
-def base_revision(base: StageOut) -> str | None:
-    """The commit a hub model id resolved to when its base stage ran (None for a local
-    folder, a GGUF file or a model built from config)."""
-    return stage_summary(base).get("revision")
-
-
-def pinned_spec(spec: ModelSpec, base: StageOut) -> ModelSpec:
-    """`spec` with its hub revision pinned to what the base stage recorded: the reference,
-    the trainings, the scorer and the evaluation then load the same commit, even after the
-    hub's branch has moved."""
-    revision = base_revision(base)
-    return spec if revision is None else spec.model_copy(update={"revision": revision})
 
 
 # ----------------------------------------------------------------------------- training
@@ -298,20 +284,6 @@ def partition_stage(cfg: ExperimentConfig, tokens: StageOut, scores: StageOut) -
     return StageOut(st.key, st.dir, cached)
 
 
-def scores_path(scores: StageOut) -> Path:
-    return Path(json.loads((scores.dir / "_SUCCESS.json").read_text())["scores_path"])
-
-
-def scoring_summary(scores: StageOut) -> dict[str, Any]:
-    """What the scoring run reported (tokens, tokens/s, padding, timings)."""
-    path = scores_path(scores) / "_SUCCESS.json"
-    return dict(json.loads(path.read_text())) if path.is_file() else {}
-
-
-def partition_report(partition: StageOut) -> dict[str, Any]:
-    return dict(json.loads((partition.dir / "_SUCCESS.json").read_text())["report"])
-
-
 @dataclass(frozen=True)
 class TrainRequest:
     """One (method, seed) fine-tuning of a model family. `data` is the partition stage for
@@ -384,26 +356,3 @@ def train_stages(cfg: ExperimentConfig, spec: ModelSpec, base: StageOut, valid: 
                 result = next(results)
                 st.mark_done({"model_path": result.export_dir, "metrics": result.metrics})
     return [StageOut(st.key, st.dir, cached) for st, cached, _ in opened]
-
-
-def stage_summary(out: StageOut) -> dict[str, Any]:
-    """What the stage recorded when it finished (its `_SUCCESS.json`)."""
-    return dict(json.loads((out.dir / "_SUCCESS.json").read_text()))
-
-
-def stage_metrics(out: StageOut) -> dict[str, Any]:
-    return dict(json.loads((out.dir / "_SUCCESS.json").read_text()).get("metrics", {}))
-
-
-def find_done(cfg: ExperimentConfig, name: str, match: dict[str, Any]) -> Stage | None:
-    """The newest finished stage of `name` whose inputs contain `match` (for inspection
-    commands that know some, not all, of a stage's inputs)."""
-    folder = stages_root(cfg) / name
-    candidates = sorted(folder.glob("*/inputs.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        inputs = json.loads(path.read_text())
-        if all(inputs.get(k) == v for k, v in match.items()):
-            st = Stage(stages_root(cfg), name, inputs)
-            if st.done():
-                return st
-    return None
