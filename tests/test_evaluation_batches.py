@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_evaluation import eval_files, tiny_model_dir  # noqa: F401 - fixtures
+from test_evaluation_local import eval_files, tiny_model_dir  # noqa: F401 - fixtures
 
 from orchestrator.config import EvaluateConfig
 from orchestrator.evaluation import MC_TASK
