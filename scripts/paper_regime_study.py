@@ -154,6 +154,28 @@ def summarise(runs: dict[str, dict[int, dict[str, float]]], base: dict[str, floa
     return table
 
 
+# Overrides that change the partition or the forgetting objective only: an sft run is the same
+# with or without them.
+METHOD_ONLY_KEYS = ("partition.", "train.lambda", "train.negative_term", "train.methods")
+
+
+def earlier_sft(path: Path, config: str, overrides: list[str]) -> list[dict[str, Any]]:
+    """The sft trainings of an earlier result; refused unless it ran the same config with the
+    same overrides apart from the method-only ones."""
+    earlier = json.loads(path.read_text())
+
+    def shared(o: list[str]) -> list[str]:
+        return sorted(x for x in o if not x.startswith(METHOD_ONLY_KEYS))
+
+    if earlier.get("config") != config or shared(earlier.get("overrides", [])) != shared(overrides):
+        raise SystemExit(f"--sft-from {path}: ran {earlier.get('config')} with "
+                         f"{shared(earlier.get('overrides', []))}, not {config} with {shared(overrides)}")
+    runs = [t for t in earlier.get("trainings", []) if t["method"] == "sft"]
+    if not runs:
+        raise SystemExit(f"--sft-from {path}: no sft training in it")
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
@@ -162,6 +184,9 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default: seeds")
     ap.add_argument("--sets", nargs="+", default=["eval"], help="question sets: eval (test), valid")
     ap.add_argument("--detector-only", action="store_true", help="stop after the partition")
+    ap.add_argument("--sft-from", default=None, metavar="RESULT_JSON",
+                    help="take the sft runs from an earlier result of the same config and data "
+                         "(sft does not depend on rho, lambda or the negative term)")
     ap.add_argument("--work", default="/tmp/lethe_paper_study")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -201,6 +226,12 @@ def main() -> None:
                     runs[s].setdefault(method, {})[seed] = ev[s]
                 print(f"{method} s{seed}: steps {info['steps']} wall {info['wall_s']:.0f}s "
                       f"sum_lr {info['sum_lr']:.4g} {json.dumps(ev)}", flush=True)
+        if args.sft_from:
+            result["sft_from"] = args.sft_from
+            for t in earlier_sft(Path(args.sft_from), args.config, args.overrides):
+                result["trainings"].append({**t, "from": args.sft_from})
+                for s in sets:
+                    runs[s].setdefault("sft", {})[t["seed"]] = t["eval"][s]
         result["summary"] = {s: summarise(runs[s], result["base"][s], METRICS) for s in sets}
     result["seconds"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
