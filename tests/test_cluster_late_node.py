@@ -8,8 +8,8 @@ joins, the pending actor starts there, and both actors score batches before the 
 
 The cluster is this module's own (a head and a node started with `ray start` on 127.0.0.1,
 token auth, as tests/two_node_cluster.py starts its pair), stopped by PID at the end. The
-stage call runs in a driver subprocess (`run_scoring`, with a scorer that sleeps a second
-per batch so the stage outlasts the node's start-up).
+stage call runs in a driver subprocess (tests/slow_scoring.py: `run_scoring`, with a scorer
+that sleeps a second per batch so the stage outlasts the node's start-up).
 """
 
 from __future__ import annotations
@@ -21,17 +21,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from proc_tree import stop_tree
-from test_scoring import _make_rows, _tiny_spec, _write_tokens
+from slow_scoring import SCORER, models_and_tokens, start_slow_scoring
 from two_node_cluster import (
     BIN,
     RAY_START_SECOND_NODE,
-    ROOT,
     _alive_nodes,
     _node_ports,
     _start,
@@ -45,25 +43,6 @@ from orchestrator.cache import SUCCESS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SCORER = "MapWorker(MapBatches(SlowScoreBatches))"
-DRIVER = textwrap.dedent("""
-    import sys, time
-    import ray
-    from orchestrator.config import ScoringConfig
-    from orchestrator.scoring import stage
-
-    class SlowScoreBatches(stage.ScoreBatches):
-        def __call__(self, table):
-            time.sleep(1.0)
-            return super().__call__(table)
-
-    stage.ScoreBatches = SlowScoreBatches
-    address, tokens, base, ref, out = sys.argv[1:6]
-    ray.init(address=address)
-    cfg = ScoringConfig(num_actors=2, num_cpus_per_actor=2, batch_size=4, token_budget=200)
-    stage.run_scoring(tokens, base, ref, cfg, out, embedded=False)
-    print("driver: finished", flush=True)
-""")
 
 
 @pytest.fixture
@@ -102,20 +81,13 @@ def head_only(tmp_path):
 
 
 def test_a_node_joining_while_the_stage_waits_takes_scoring_work(head_only, tmp_path):
-    from orchestrator.models import build_model
-
-    models = []
-    for role, seed in (("base", 0), ("ref", 1)):
-        build_model(_tiny_spec("llama"), 97, seed=seed).save_pretrained(str(tmp_path / role))
-        models.append(str(tmp_path / role))
-    tokens = _write_tokens(_make_rows(160), tmp_path / "tokens.parquet")  # 40 batches of 4
+    models, tokens = models_and_tokens(tmp_path, 160)  # 40 batches of 4
     out = tmp_path / "scores"
     log = tmp_path / "driver.log"
     t0 = time.time()
-    with log.open("w") as fh:
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER, head_only["gcs"], str(tokens),
-                                   *models, str(out)], stdout=fh, stderr=subprocess.STDOUT,
-                                  cwd=ROOT, env=head_only["env"], start_new_session=True)
+    driver = start_slow_scoring(head_only["gcs"], tokens, models, out, log,
+                                {"num_actors": 2, "num_cpus_per_actor": 2, "batch_size": 4,
+                                 "token_budget": 200}, env=head_only["env"], embedded=False)
     try:
         def state(name: str) -> list[dict]:
             return [a for a in actors(head_only, SCORER) if a["state"] == name]

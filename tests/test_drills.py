@@ -21,13 +21,13 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from test_scoring import _make_rows, _tiny_spec, _write_tokens
+from slow_scoring import models_and_tokens, start_slow_scoring
+from test_scoring import _make_rows
 from tiny_configs import TINY
 
 from orchestrator.cache import SUCCESS
@@ -36,28 +36,6 @@ pytestmark = [pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-# The driver's script: run_scoring with a scorer that takes a second per batch, so a kill
-# lands mid-stage. The subclass is defined in __main__, so Ray ships it by value.
-SLOW_DRIVER = textwrap.dedent("""
-    import sys, time
-    import ray
-    from orchestrator.config import ScoringConfig
-    from orchestrator.scoring import stage
-
-    class SlowScoreBatches(stage.ScoreBatches):
-        def __call__(self, table):
-            time.sleep(1.0)
-            return super().__call__(table)
-
-    stage.ScoreBatches = SlowScoreBatches
-    address, tokens, base, ref, out, actors = sys.argv[1:7]
-    ray.init(address=address)
-    cfg = ScoringConfig(num_actors=int(actors), batch_size=8, token_budget=200)
-    print("driver: scoring", flush=True)
-    stage.run_scoring(tokens, base, ref, cfg, out)
-    print("driver: finished", flush=True)
-""")
 
 
 def _gcs_address() -> str:
@@ -93,23 +71,13 @@ def _no_alive_actor(class_part: str, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def _models_and_tokens(tmp_path: Path, rows: int) -> tuple[list[str], Path]:
-    from orchestrator.models import build_model
-
-    models = []
-    for role, seed in (("base", 0), ("ref", 1)):
-        build_model(_tiny_spec("llama"), 97, seed=seed).save_pretrained(str(tmp_path / role))
-        models.append(str(tmp_path / role))
-    return models, _write_tokens(_make_rows(rows), tmp_path / "tokens.parquet")
-
-
 def _start_slow_driver(tmp_path: Path, tokens: Path, models: list[str], out: Path,
                        actors: int) -> tuple[subprocess.Popen, Path]:
+    """The scoring stage in a driver on this session's Ray, a second per batch (so a kill
+    lands mid-stage); its log beside it."""
     log = tmp_path / f"driver-{out.name}.log"
-    with log.open("w") as fh:
-        driver = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, _gcs_address(), str(tokens),
-                                   *models, str(out), str(actors)], stdout=fh,
-                                  stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    driver = start_slow_scoring(_gcs_address(), tokens, models, out, log,
+                                {"num_actors": actors, "batch_size": 8, "token_budget": 200})
     return driver, log
 
 
@@ -140,7 +108,7 @@ def test_driver_sigkilled_mid_scoring_rerun_scores_only_the_missing_rows(ray_loc
     from orchestrator.scoring.blocks import ScoredParts
 
     # 20 batches of 8 (a second each): the first part file is written while most are left.
-    models, tokens = _models_and_tokens(tmp_path, 160)
+    models, tokens = models_and_tokens(tmp_path, 160)
     cfg = ScoringConfig(num_actors=1, batch_size=8, token_budget=200)
     clean = run_scoring(tokens, *models, cfg, tmp_path / "clean")
 
@@ -175,7 +143,7 @@ def test_scoring_actor_sigkilled_mid_stage_ray_restarts_it_and_the_stage_finishe
     from orchestrator.config import ScoringConfig
     from orchestrator.scoring import run_scoring
 
-    models, tokens = _models_and_tokens(tmp_path, 96)  # 12 batches of 8, a second each
+    models, tokens = models_and_tokens(tmp_path, 96)  # 12 batches of 8, a second each
     clean = run_scoring(tokens, *models, ScoringConfig(num_actors=1, batch_size=8,
                                                        token_budget=200), tmp_path / "clean")
     hurt = tmp_path / "hurt"
